@@ -1,0 +1,126 @@
+"""Hyperparameters of project 3: the LLaMA-style model (`LlamaConfig`) and its training run (`TrainConfig`).
+
+Presets:
+    cpu  a ~3.5M-parameter model that trains for 30 minutes on 2 CPU cores (fp32)
+    gpu  the ~125M model of the course plan (exact count: `uv run python -m
+         phase1_foundation.project3_pretrain.model --preset gpu`), bf16 + torch.compile
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from course.config import BaseConfig
+
+
+@dataclass
+class LlamaConfig(BaseConfig):
+    """Shape of the decoder. Field names follow nanoGPT; hf_interop.py maps them to HF's names."""
+
+    block_size: int = 256          # context length = number of precomputed RoPE positions
+    vocab_size: int = 10_000       # project 2's trained tokenizer
+    n_layer: int = 4
+    n_head: int = 4                # query heads
+    n_kv_head: int = 4             # key/value heads (GQA); n_head must be a multiple of it
+    n_embd: int = 256
+    head_dim: int = 0              # 0 = n_embd // n_head (HF's `head_dim` may differ)
+    intermediate_size: int = 0     # SwiGLU hidden width; 0 = LLaMA's rule, ~8/3 * n_embd rounded up
+    multiple_of: int = 64          # rounding for the automatic intermediate_size
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    PRESETS: ClassVar[dict] = {
+        # 2 CPU cores, 30 minutes: small and shallow so it sees ~1-2M tokens; GQA with 2 KV heads.
+        "cpu": dict(block_size=128, n_layer=4, n_head=6, n_kv_head=2, n_embd=192, intermediate_size=512),
+        # The course's ~125M model: GPT-2-small width/depth, GQA 12:4, a wider SwiGLU (4.67x) so the
+        # parameter count lands at ~125M with a 10K vocabulary and tied embeddings.
+        "gpu": dict(block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, intermediate_size=3584),
+    }
+
+    # ---- derived sizes ---------------------------------------------------------------------
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.n_embd // max(self.n_head, 1)
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        hidden = int(2 * (4 * self.n_embd) / 3)  # LLaMA: 2/3 of the usual 4d, since SwiGLU has 3 matrices
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        self.check_positive(errors, "block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                            "multiple_of", "rope_theta", "norm_eps", "init_std")
+        self.check_range(errors, "dropout", 0.0, 1.0, hi_open=True)
+        if self.head_dim < 0:
+            errors.append(f"head_dim ({self.head_dim}) must be >= 0 (0 = n_embd // n_head)")
+        if self.intermediate_size < 0:
+            errors.append(f"intermediate_size ({self.intermediate_size}) must be >= 0 (0 = automatic)")
+        if self.n_head > 0 and self.n_kv_head > 0 and self.n_head % self.n_kv_head:
+            errors.append(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.head_dim == 0 and self.n_head > 0 and self.n_embd % self.n_head:
+            errors.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.hd % 2:
+            errors.append(f"head_dim ({self.hd}) must be even for rotary embeddings")
+        if self.vocab_size > 65_535:
+            # prepare_data.py stores token ids as uint16
+            errors.append(f"vocab_size ({self.vocab_size}) must be <= 65535 (data shards are uint16)")
+        return errors
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """One training run. `--arch gpt` trains project 1's GPT on the same data for comparison."""
+
+    arch: str = "llama"            # llama | gpt
+    data_dir: str = "data/project3"
+    out_dir: str = "checkpoints/project3/cpu"
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_iters: int = 100_000       # usually cut by time_budget_s
+    time_budget_s: float = 0.0     # wall-clock budget in seconds for the optimisation loop (0 = none)
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0        # 0 = max_iters, or the estimated iterations of the time budget
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_iters: int = 20
+    log_interval: int = 10
+    dtype: str = "auto"            # auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU)
+    compile: bool = False
+    grad_checkpointing: bool = False
+    threads: int = 0               # torch.set_num_threads; 0 = leave the default
+    peak_flops: float = 0.0        # device peak FLOP/s for MFU; 0 = look up (GPU) or measure (CPU)
+
+    PRESETS: ClassVar[dict] = {
+        "cpu": dict(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=100, eval_iters=20,
+                    time_budget_s=1800.0, out_dir="checkpoints/project3/cpu"),
+        "gpu": dict(batch_size=32, grad_accum=4, lr=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=500,
+                    eval_iters=50, max_iters=20_000, dtype="auto", compile=True, out_dir="checkpoints/project3/gpu"),
+    }
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        self.check_choice(errors, "arch", ("llama", "gpt"))
+        self.check_choice(errors, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        self.check_positive(errors, "batch_size", "grad_accum", "max_iters", "lr", "eval_interval", "eval_iters",
+                            "log_interval")
+        for name in ("min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "time_budget_s",
+                     "threads", "peak_flops"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.min_lr > self.lr:
+            errors.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        self.check_range(errors, "beta1", 0.0, 1.0, hi_open=True)
+        self.check_range(errors, "beta2", 0.0, 1.0, hi_open=True)
+        return errors

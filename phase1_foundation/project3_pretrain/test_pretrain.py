@@ -1,0 +1,236 @@
+"""Tests for project 3: the LLaMA-style model against independent references (PyTorch ops, HF transformers),
+the HF export/import round trip, data preparation, training (resume, overfit) and the bad-input errors.
+
+Run: uv run pytest -q phase1_foundation/project3_pretrain        (slow ones: -m slow)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from course.errors import CourseError
+from phase1_foundation.project3_pretrain.hf_interop import (export_hf, import_hf, llama_config_from_hf,
+                                                            permute_rope, unpermute_rope)
+from phase1_foundation.project3_pretrain.model import (Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables)
+
+TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48)
+
+
+def tiny(**kw) -> Llama:
+    torch.manual_seed(kw.pop("seed", 0))
+    return Llama(LlamaConfig(**{**TINY, **kw})).eval()
+
+
+# ---- components against independent references ---------------------------------------------------
+def test_rmsnorm_matches_torch():
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 16)
+    ours = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+    ref = torch.nn.RMSNorm(16, eps=1e-6)
+    ref.weight.data.copy_(ours.weight.data)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_split_half_equals_complex_rotation_of_permuted_pairs():
+    """Our split-half RoPE on W equals Meta's complex (neighbour-pair) RoPE on unpermute_rope(W)."""
+    torch.manual_seed(2)
+    n_heads, d, T, dim = 3, 8, 6, 24
+    w = torch.randn(n_heads * d, dim)
+    x = torch.randn(T, dim)
+    cos, sin = rope_tables(d, T)
+    ours = apply_rope((x @ w.T).view(T, n_heads, d).transpose(0, 1), cos, sin)  # (H, T, d)
+    # Meta's reference: pairs (2i, 2i+1) as complex numbers times e^{i pos theta_i}
+    meta = (x @ unpermute_rope(w, n_heads).T).view(T, n_heads, d // 2, 2)
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    rot = torch.polar(torch.ones(T, d // 2), torch.outer(torch.arange(T).float(), freqs))
+    meta = torch.view_as_real(torch.view_as_complex(meta) * rot[:, None, :]).reshape(T, n_heads, d)
+    torch.testing.assert_close(ours, permute_rope(meta.reshape(T, -1).T.contiguous(), n_heads).T.reshape(
+        T, n_heads, d).transpose(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(permute_rope(unpermute_rope(w, n_heads), n_heads), w)
+
+
+def test_rope_is_relative():
+    """q_m . k_n after RoPE depends only on m - n."""
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    cos, sin = rope_tables(16, 20)
+    dot = lambda m, n: (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
+    assert torch.allclose(dot(5, 2), dot(15, 12), atol=1e-5)
+    assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
+
+
+def test_forward_shapes_loss_and_causality():
+    model = tiny()
+    idx = torch.randint(0, 97, (2, 10))
+    logits, loss = model(idx, torch.randint(0, 97, (2, 10)))
+    assert logits.shape == (2, 10, 97) and loss.ndim == 0
+    assert abs(loss.item() - math.log(97)) < 0.5  # small init: close to uniform
+    idx2 = idx.clone()
+    idx2[:, 6] = (idx2[:, 6] + 1) % 97
+    l2, _ = model(idx2)
+    torch.testing.assert_close(logits[:, :6], l2[:, :6])  # the future never leaks into the past
+    assert not torch.allclose(logits[:, 6:], l2[:, 6:])
+
+
+def test_tied_and_untied_parameter_counts():
+    tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == 97 * 32
+    assert tied.lm_head.weight is tied.tok_emb.weight
+
+
+def test_gpu_preset_is_about_125m():
+    with torch.device("meta"):
+        n = Llama(LlamaConfig.from_preset("gpu")).num_params()
+    assert 120e6 <= n <= 130e6, n
+
+
+class _ListCache:
+    """A minimal reference KV cache implementing the project-8 protocol with torch.cat."""
+
+    def __init__(self, n_layers):
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+
+    def update(self, layer, k, v, start_pos):
+        assert (0 if self.k[layer] is None else self.k[layer].size(2)) == start_pos
+        self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], 2)
+        self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], 2)
+        return self.k[layer], self.v[layer]
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_kv_cache_protocol_matches_full_forward(n_kv_head):
+    model = tiny(n_kv_head=n_kv_head)
+    idx = torch.randint(0, 97, (2, 12))
+    full, _ = model(idx)
+    cache = _ListCache(2)
+    parts = [model(idx[:, :5], kv_cache=cache, start_pos=0)[0],   # prefill
+             model(idx[:, 5:8], kv_cache=cache, start_pos=5)[0]]  # a chunk with an offset mask
+    for t in range(8, 12):                                         # single-token decode steps
+        parts.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=t)[0])
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_context_longer_than_block_size_is_a_clear_error():
+    with pytest.raises(CourseError, match="block_size"):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_bad_config_values_each_get_a_message():
+    with pytest.raises(CourseError) as e:
+        LlamaConfig(n_head=6, n_kv_head=4, n_embd=100).validate_config()
+    assert "n_kv_head" in str(e.value) and "n_embd (100)" in str(e.value)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    idx = torch.randint(0, 97, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model = tiny().train()
+        model.gradient_checkpointing = flag
+        model(idx, idx)[1].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_overfits_a_tiny_batch():
+    torch.manual_seed(5)
+    model = tiny().train()
+    idx = torch.randint(0, 97, (4, 16))
+    opt = model.configure_optimizer(0.0, 3e-3)
+    for _ in range(150):
+        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2
+
+
+# ---- Hugging Face interop --------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers", reason="transformers (dev dependency) is needed for HF tests")
+
+
+def hf_tiny(tie: bool, n_kv: int = 2, head_dim: int | None = None, theta: float = 10000.0, eps: float = 1e-6):
+    torch.manual_seed(6)
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=n_kv, max_position_embeddings=32, rms_norm_eps=eps, rope_theta=theta,
+              tie_word_embeddings=tie, attn_implementation="eager")
+    if head_dim:
+        kw["head_dim"] = head_dim
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # RMSNorm gains start at 1: randomise them so a swapped norm would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("tie,n_kv,head_dim,theta", [(True, 2, None, 10000.0), (False, 2, None, 500000.0),
+                                                      (False, 4, None, 10000.0), (True, 1, 16, 10000.0)])
+def test_import_hf_matches_transformers_logits(tmp_path, tie, n_kv, head_dim, theta):
+    ref = hf_tiny(tie, n_kv, head_dim, theta)
+    ref.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    assert ours.config.tie_embeddings == tie and ours.config.rope_theta == theta and ours.config.norm_eps == 1e-6
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], ref(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie,n_kv", [(True, 2), (False, 1), (False, 4)])
+def test_export_hf_loads_in_transformers_with_same_logits(tmp_path, tie, n_kv):
+    ours = tiny(tie_embeddings=tie, n_kv_head=n_kv, rope_theta=1234.0, norm_eps=1e-5)
+    with torch.no_grad():
+        for layer in ours.layers:
+            layer.attn_norm.weight.normal_(1.0, 0.2)
+    export_hf(ours, tmp_path)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert ref.config.tie_word_embeddings == tie
+    idx = torch.randint(0, 97, (3, 25))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+    again = import_hf(tmp_path)  # and the round trip is exact
+    for (n, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_hf_greedy_generation_matches_ours(tmp_path):
+    from phase1_foundation.project3_pretrain.generate import generate_ids
+    ours = tiny(tie_embeddings=False)
+    export_hf(ours, tmp_path)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    theirs = ref.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)
+    mine = generate_ids(ours, prompt, max_new_tokens=15, temperature=0.0)
+    assert mine.tolist() == theirs.tolist()
+
+
+def test_import_hf_bad_inputs(tmp_path):
+    with pytest.raises(CourseError, match="config.json not found"):
+        import_hf(tmp_path)
+    ref = hf_tiny(True)
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    bad = dict(cfg, hidden_size=64)
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CourseError, match=r"model.embed_tokens.weight' has shape \(97, 32\)"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, hidden_act="gelu")))
+    with pytest.raises(CourseError, match="hidden_act 'gelu'"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CourseError, match="corrupt"):
+        import_hf(tmp_path)
+    with pytest.raises(CourseError, match="not a LLaMA"):
+        llama_config_from_hf(dict(cfg, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(CourseError, match="rope scaling"):
+        llama_config_from_hf(dict(cfg, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}))
