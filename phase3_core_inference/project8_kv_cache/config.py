@@ -1,0 +1,59 @@
+"""Settings of project 8's generate.py (every field is a --flag; presets pick device and precision).
+
+Presets:
+    cpu  fp32 on the CPU (the numbers in the README)
+    gpu  bf16 on CUDA (not run yet in this course's sessions)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from course.config import BaseConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class GenerateConfig(BaseConfig):
+    model: str = "data/stories260k/stories260K.bin"  # .pt of ours | HF folder | hub id | llama2.c .bin
+    tokenizer: str = ""           # separate tokenizer file (llama2.c .bin, tokenizer.json, .pkl); "" = the model's own
+    prompt: str = ""              # "" = start from BOS
+    interactive: bool = False     # read prompts from stdin, one per line
+    chat: bool = False            # apply the chat template; keep the KV cache across turns
+    system: str = ""              # optional system message for --chat
+    max_new_tokens: int = 256
+    temperature: float = 0.0      # 0 = greedy (argmax)
+    top_k: int = 0                # 0 = off
+    top_p: float = 1.0            # 1.0 = off
+    min_p: float = 0.0            # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "float32"
+    max_len: int = 0              # KV cache length; 0 = the model's context window
+
+    PRESETS: ClassVar[dict] = {
+        "cpu": dict(device="cpu", dtype="float32"),
+        "gpu": dict(device="cuda", dtype="bfloat16"),
+    }
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        self.check_positive(errors, "max_new_tokens")
+        self.check_choice(errors, "dtype", DTYPES)
+        if self.temperature < 0:
+            errors.append(f"temperature ({self.temperature}) must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            errors.append(f"top_k ({self.top_k}) must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            errors.append(f"top_p ({self.top_p}) must be in (0, 1]")
+        self.check_range(errors, "min_p", 0.0, 1.0)
+        if self.repetition_penalty <= 0:
+            errors.append(f"repetition_penalty ({self.repetition_penalty}) must be > 0 (1.0 = off)")
+        if self.max_len < 0:
+            errors.append(f"max_len ({self.max_len}) must be >= 0 (0 = the model's context window)")
+        if self.chat and self.prompt:
+            errors.append("--chat is interactive; drop --prompt")
+        return errors

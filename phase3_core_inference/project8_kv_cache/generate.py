@@ -1,0 +1,145 @@
+"""Generate text, streaming, from any LLaMA-architecture checkpoint: ours, Hugging Face, or llama2.c.
+
+    uv run python phase3_core_inference/project8_kv_cache/generate.py                      # stories260K, greedy
+    uv run python phase3_core_inference/project8_kv_cache/generate.py --prompt "Once upon a time" --temperature 0.8 --top_p 0.9
+    uv run python phase3_core_inference/project8_kv_cache/generate.py --model path/to/hf_folder --chat
+    uv run python phase3_core_inference/project8_kv_cache/generate.py --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --chat
+
+The prompt is prefilled once; each new token is one decode step on the KV cache (engine.py). In --chat the
+checkpoint's own chat template (Jinja, tokenizer_config.json) formats the conversation, the cache is kept
+across turns (only the new turn is prefilled), and an empty line starts a new conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+import torch
+
+from course.device import get_device, set_seed
+from course.errors import CourseError, run_cli
+from phase3_core_inference.project8_kv_cache.config import GenerateConfig
+from phase3_core_inference.project8_kv_cache.engine import Engine, TextStream
+from phase3_core_inference.project8_kv_cache.loading import load_model, load_tokenizer_for
+from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
+
+
+# ---- chat templates -------------------------------------------------------------------------------
+def render_chat(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template (Jinja) the way transformers' apply_chat_template does."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise CourseError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda x, indent=None, **_: __import__("json").dumps(x, ensure_ascii=False, indent=indent)
+    inv = {v: k for k, v in tokenizer.special_tokens.items()}
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=inv.get(tokenizer.bos_id, ""), eos_token=inv.get(tokenizer.eos_id, ""))
+    except jinja2.TemplateError as e:
+        raise CourseError(f"could not render the chat template ({type(e).__name__}: {e})") from None
+
+
+# ---- the command ----------------------------------------------------------------------------------
+def stream(engine: Engine, tokenizer, prompt_ids: list[int], cfg: GenerateConfig, params: SamplingParams,
+           gen: torch.Generator, reuse_cache: bool = False) -> tuple[str, list[int]]:
+    """Generate and print as tokens decode; return (text, ids)."""
+    out = TextStream(tokenizer, prev_id=prompt_ids[-1])
+    stop = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    text, ids = [], []
+    for tok in engine.generate(prompt_ids, cfg.max_new_tokens, params, gen, stop_ids=stop, reuse_cache=reuse_cache):
+        ids.append(tok)
+        piece = out.push(tok)
+        text.append(piece)
+        print(piece, end="", flush=True)
+    tail = out.flush()
+    print(tail, flush=True)
+    return "".join(text) + tail, ids
+
+
+def summary(engine: Engine) -> str:
+    s = engine.stats
+    return (f"[{s.prompt_tokens} prompt tokens prefilled in {s.prefill_s * 1000:.0f} ms; {s.new_tokens} new tokens, "
+            f"decode {s.decode_tok_s:.1f} tok/s; cache {engine.cache.used_bytes / 2**20:.2f} of "
+            f"{engine.cache.nbytes / 2**20:.2f} MiB]")
+
+
+def chat_loop(engine: Engine, tokenizer, cfg: GenerateConfig, params: SamplingParams, gen: torch.Generator) -> None:
+    if not tokenizer.chat_template:
+        raise CourseError(f"{cfg.model} has no chat template (chat_template in tokenizer_config.json); "
+                          "use --prompt or --interactive instead of --chat")
+    base = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages = list(base)
+    print("chat: type a message; an empty line starts a new conversation; Ctrl-D quits.", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if not line.strip():
+            messages = list(base)
+            engine.reset()
+            print("[new conversation]", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        text = render_chat(tokenizer.chat_template, messages, tokenizer)
+        ids = tokenizer.encode(text, bos=False, allowed_special="all")
+        try:
+            reply, _ = stream(engine, tokenizer, ids, cfg, params, gen, reuse_cache=True)
+        except CourseError as e:  # the conversation outgrew the context: say so, keep the session
+            print(f"error: {e}; press Enter on an empty line to start a new conversation", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply.strip()})
+        print(summary(engine), file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    GenerateConfig.add_args(parser, default_preset=None)
+    cfg = GenerateConfig.from_args(parser.parse_args())
+    set_seed(cfg.seed)
+    device = get_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    loaded = load_model(cfg.model, device, dtype)
+    tokenizer = load_tokenizer_for(loaded, cfg.tokenizer or None)
+    mcfg = loaded.model.config
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise CourseError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size}; "
+                          "pass the tokenizer that belongs to this model with --tokenizer")
+    max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
+    engine = Engine(loaded.model, max_len=max_len)
+    params = SamplingParams(cfg.temperature, cfg.top_k or None, cfg.top_p, cfg.min_p or None,
+                            cfg.repetition_penalty).check()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    n = sum(p.numel() for p in loaded.model.parameters())
+    print(f"[{loaded.kind} model {loaded.path} ({n / 1e6:.2f}M params, {mcfg.n_layer} layers, "
+          f"{mcfg.n_head}/{mcfg.n_kv_head} q/kv heads, context {mcfg.block_size}) on {device}, {cfg.dtype}; "
+          f"tokenizer {tokenizer.name}]", file=sys.stderr)
+    if cfg.chat:
+        chat_loop(engine, tokenizer, cfg, params, gen)
+        return
+    prompts = (line.rstrip("\n") for line in sys.stdin) if cfg.interactive else [cfg.prompt]
+    if cfg.interactive:
+        print("type a prompt per line; Ctrl-D quits.", file=sys.stderr)
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, bos=True) if prompt else [tokenizer.bos_id]
+        if ids[0] is None:
+            raise CourseError("this tokenizer has no BOS token: give a --prompt")
+        if prompt:
+            print(prompt, end="", flush=True)
+        stream(engine, tokenizer, ids, cfg, params, gen)
+        print(summary(engine), file=sys.stderr)
+    s = engine.stats
+    print(f"done: {s.new_tokens} tokens, {s.decode_tok_s:.1f} tok/s decode ({s.total_tok_s:.1f} tok/s incl. prefill)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
