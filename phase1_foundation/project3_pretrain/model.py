@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from course.errors import CourseError, run_cli
+from phase1_foundation.project1_minimal_gpt.model import GPT
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 
 __all__ = ["LlamaConfig", "Llama", "RMSNorm", "rope_tables", "apply_rope", "Attention", "SwiGLU", "Block"]
@@ -244,15 +245,9 @@ class Llama(nn.Module):
 
     def configure_optimizer(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                             device_type: str = "cpu") -> torch.optim.AdamW:
-        """AdamW with two groups: matrices (Linear weights and the embedding) decay; RMSNorm gains do not.
-
-        WHY: weight decay pulls weights toward 0; a norm gain's natural value is 1, so decaying it only hurts.
-        """
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"  # one kernel for all parameters on GPU
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        """AdamW with decay groups, reused from project 1: matrices (Linear weights, the embedding) decay,
+        1-D parameters (here only the RMSNorm gains, whose natural value is 1) do not."""
+        return GPT.configure_optimizer(self, weight_decay, learning_rate, betas, device_type)
 
 
 def main() -> None:

@@ -146,12 +146,159 @@ def test_overfits_a_tiny_batch():
     model = tiny().train()
     idx = torch.randint(0, 97, (4, 16))
     opt = model.configure_optimizer(0.0, 3e-3)
-    for _ in range(150):
+    for _ in range(80):
         loss = model(idx[:, :-1], idx[:, 1:])[1]
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.2
+
+
+# ---- data, training, resume, evaluation ------------------------------------------------------------
+WORDS = ("the cat sat on a mat and the dog ran to the park while a bird sang in the old tree near "
+         "our house because it was spring").split()
+
+
+def fake_corpus(root, n_books=3, words_per_book=3000):
+    """A folder of gzipped 'books' in Gutenberg's layout, with boilerplate around the text."""
+    import gzip
+    rng = np.random.default_rng(0)
+    folder = root / "gutenberg"
+    folder.mkdir(parents=True)
+    books = []
+    for b in range(n_books):
+        body = " ".join(WORDS[(i * 7 + int(rng.integers(0, 3))) % len(WORDS)] for i in range(words_per_book))
+        body = body.replace(" park ", " park.\r\n")
+        raw = f"Header\r\n*** START OF THE PROJECT GUTENBERG EBOOK {b} ***\r\n{body}\r\n*** END OF THE PROJECT"
+        (folder / f"author__book-{b}.txt.gz").write_bytes(gzip.compress(raw.encode()))
+        books.append(body.replace("\r\n", "\n"))
+    return folder, books
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer
+    from phase1_foundation.project3_pretrain.prepare_data import prepare
+    root = tmp_path_factory.mktemp("p3data")
+    folder, books = fake_corpus(root)
+    tok = RegexTokenizer("gpt4", special_tokens=["<|endoftext|>"]).train(books, vocab_size=300)
+    tok.save(root / "tok.pkl")
+    meta = prepare(folder, root / "shards", root / "tok.pkl", heldout_every=3, progress=False)
+    return root, books, tok, meta
+
+
+def test_prepare_data_shards_round_trip_and_byte_counts(corpus):
+    root, books, tok, meta = corpus
+    assert meta["splits"]["val"]["documents"] == ["author__book-0.txt.gz"]  # whole book 0 held out
+    val = np.fromfile(root / "shards" / "val.bin", dtype=np.uint16)
+    train = np.fromfile(root / "shards" / "train.bin", dtype=np.uint16)
+    assert val[-1] == tok.eot_token and (train == tok.eot_token).sum() == 2
+    assert tok.decode(val[:-1].tolist()) == books[0].strip("\n") + "\n"  # boilerplate cut, CRLF -> LF
+    assert meta["splits"]["val"]["bytes"] == len((books[0].strip("\n") + "\n").encode())
+    assert meta["splits"]["train"]["tokens"] == len(train) and meta["vocab_size"] == tok.eot_token + 1
+
+
+def test_prepare_data_missing_tokenizer_is_a_clear_error(corpus, tmp_path):
+    from phase1_foundation.project3_pretrain.prepare_data import prepare
+    root = corpus[0]
+    with pytest.raises(CourseError, match="tokenizer not found: .*nope.pkl"):
+        prepare(root / "gutenberg", tmp_path, tmp_path / "nope.pkl", progress=False)
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    from phase1_foundation.project3_pretrain.config import TrainConfig
+    from phase1_foundation.project3_pretrain.train import train
+    data_dir = corpus[0] / "shards"
+    mcfg = LlamaConfig(**{**TINY, "vocab_size": 290, "block_size": 16, "dropout": 0.1})
+    base = dict(data_dir=str(data_dir), batch_size=4, lr_decay_iters=6, warmup_iters=2, eval_interval=3,
+                eval_iters=2, log_interval=1, lr=1e-2, min_lr=1e-3, peak_flops=1e11, grad_accum=2)
+    full = train(mcfg, TrainConfig(**base, out_dir=str(tmp_path / "a"), max_iters=6), device="cpu", seed=7,
+                 progress=False)
+    train(mcfg, TrainConfig(**base, out_dir=str(tmp_path / "b"), max_iters=3), device="cpu", seed=7, progress=False)
+    resumed = train(mcfg, TrainConfig(**base, out_dir=str(tmp_path / "b"), max_iters=3), device="cpu", seed=7,
+                    resume=True, progress=False, train_overrides={"max_iters": 6})
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["iter"] == b["iter"] == 6
+    for name, t in a["model_state_dict"].items():
+        assert torch.equal(t, b["model_state_dict"][name]), name
+    assert full["val_loss"] == resumed["val_loss"]
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if r["kind"] == "eval"] == [0, 3, 6]
+    assert {"val_bpb", "val_ppl", "train_loss"} <= set(log[-1]) and (tmp_path / "a" / "curves.png").is_file()
+
+
+def test_train_gpt_baseline_and_bits_per_byte(corpus, tmp_path):
+    from phase1_foundation.project3_pretrain.config import TrainConfig
+    from phase1_foundation.project3_pretrain.train import train
+    meta = corpus[3]
+    mcfg = LlamaConfig(**{**TINY, "vocab_size": 290, "block_size": 16})
+    s = train(mcfg, TrainConfig(arch="gpt", data_dir=str(corpus[0] / "shards"), out_dir=str(tmp_path), batch_size=8,
+                                max_iters=40, warmup_iters=5, eval_interval=20, eval_iters=4, lr=1e-2, min_lr=1e-3,
+                                peak_flops=1e11), device="cpu", seed=3, progress=False)
+    ratio = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+    assert s["arch"] == "gpt" and s["val_bpb"] == pytest.approx(s["val_loss"] / math.log(2) * ratio)
+    assert s["val_loss"] < math.log(290) - 1.0  # it learned the toy language
+    assert 0 < s["mfu"] and s["tokens_per_s"] > 0
+
+
+def test_evaluate_ids_matches_a_direct_computation():
+    from phase1_foundation.project3_pretrain.evaluate import evaluate_ids
+    model = tiny()
+    ids = np.random.default_rng(1).integers(0, 97, size=32 * 3 + 1)
+    r = evaluate_ids(model, ids, n_bytes=400, batch_size=2, progress=False)
+    t = torch.from_numpy(ids)
+    nll = sum(F.cross_entropy(model(t[i * 32:i * 32 + 32][None])[0][0], t[i * 32 + 1:i * 32 + 33], reduction="sum")
+              for i in range(3)).item()
+    assert r["tokens"] == 96 and r["loss"] == pytest.approx(nll / 96, rel=1e-5)
+    assert r["bpb"] == pytest.approx(nll / math.log(2) / 400, rel=1e-5)
+    with pytest.raises(CourseError, match="fewer than one block"):
+        evaluate_ids(model, ids[:20], 50, progress=False)
+
+
+def test_bad_data_and_checkpoints_get_one_clear_error(corpus, tmp_path):
+    from phase1_foundation.project3_pretrain.generate import load_matching_tokenizer
+    from phase1_foundation.project3_pretrain.train import TokenData, load_model_from_checkpoint
+    with pytest.raises(CourseError, match="meta.json not found"):
+        TokenData(tmp_path, 16)
+    shards = corpus[0] / "shards"
+    with pytest.raises(CourseError, match=r"train.bin holds 6,004 tokens, fewer than one block"):
+        TokenData(shards, 10**4)
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CourseError, match="corrupt"):
+        load_model_from_checkpoint(bad)
+    with pytest.raises(CourseError, match="checkpoint not found"):
+        load_model_from_checkpoint(tmp_path / "missing.pt")
+    model = tiny()
+    state = {"model_state_dict": model.state_dict(), "model_config": dict(model.config.to_dict(), n_embd=64),
+             "arch": "llama"}
+    torch.save(state, bad)
+    with pytest.raises(CourseError, match=r"tok_emb.weight' has shape \(97, 32\)"):
+        load_model_from_checkpoint(bad)
+    with pytest.raises(CourseError, match="290 token ids but the model's vocabulary is 97"):
+        load_matching_tokenizer(corpus[0] / "tok.pkl", model)
+    with pytest.raises(CourseError, match="tokenizer not found"):
+        load_matching_tokenizer(tmp_path / "none.pkl", model)
+
+
+@pytest.mark.slow
+def test_gpu_preset_one_optimizer_step_on_cpu():
+    import resource
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_preset("gpu")
+    model = Llama(cfg).train()
+    model.gradient_checkpointing = True
+    opt = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), "cpu")
+    idx = torch.randint(0, cfg.vocab_size, (1, cfg.block_size))
+    before = model.layers[0].attn.wq.weight.detach().clone()
+    loss = model(idx, idx)[1]
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.layers[0].attn.wq.weight)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"gpu preset: {model.num_params():,} params, loss {loss.item():.3f}, peak RSS {rss:.2f} GB")
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 1.0
 
 
 # ---- Hugging Face interop --------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""Sample text from a trained project-3 checkpoint (or from any HF LLaMA folder via hf_interop.import_hf).
+
+    uv run python phase1_foundation/project3_pretrain/generate.py --prompt "It was a dark and stormy night"
+    uv run python phase1_foundation/project3_pretrain/generate.py --temperature 0 --max_new_tokens 50   # greedy
+    uv run python phase1_foundation/project3_pretrain/generate.py --hf_dir checkpoints/project3/hf
+
+Sampling is project 1's (stream_tokens + sampling.sample_next_token: temperature, top-k, top-p; temperature 0
+is greedy); this file only adds the BPE tokenizer and streaming of multi-byte characters. No KV cache: each
+token re-runs the whole context (project 8 adds the cache through Llama's kv_cache/start_pos arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from course.device import get_device, set_seed
+from course.errors import CourseError, run_cli
+from phase1_foundation.project1_minimal_gpt.generate import stream_tokens
+from phase1_foundation.project2_tokenizer.tokenizer import load_tokenizer
+from phase1_foundation.project3_pretrain.hf_interop import import_hf
+from phase1_foundation.project3_pretrain.train import load_model_from_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CKPT = REPO_ROOT / "checkpoints" / "project3" / "cpu" / "ckpt.pt"
+DEFAULT_TOKENIZER = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
+
+
+@torch.inference_mode()
+def generate_ids(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                 stop_token: int | None = None) -> torch.Tensor:
+    """prompt ids (1, T) -> prompt + continuation (1, T + n), through project 1's stream_tokens."""
+    out = idx.tolist()[0]
+    for tok in stream_tokens(model, idx, max_new_tokens, model.config.block_size, temperature, top_k, top_p,
+                             generator):
+        out.append(tok)
+        if tok == stop_token:
+            break
+    return torch.tensor([out], dtype=torch.long)
+
+
+def load_any(ckpt: str | None, hf_dir: str | None, device: torch.device) -> tuple[torch.nn.Module, Path | None]:
+    """(model, tokenizer path stored with it or None) from a train.py checkpoint or an HF folder."""
+    if hf_dir:
+        tok = Path(hf_dir) / "tokenizer.pkl"
+        return import_hf(hf_dir).to(device), (tok if tok.is_file() else None)
+    model, state = load_model_from_checkpoint(ckpt or DEFAULT_CKPT, device)
+    tok = state.get("data_meta", {}).get("tokenizer")
+    return model, (Path(tok) if tok else None)
+
+
+def load_matching_tokenizer(path: Path, model: torch.nn.Module):
+    if not path.is_file():
+        raise CourseError(f"tokenizer not found: {path}; pass --tokenizer PATH (project 2's tokenizer.pkl)")
+    tok = load_tokenizer(path)
+    n = max(tok.vocab_size, (tok.eot_token or 0) + 1)
+    if n != model.config.vocab_size:
+        raise CourseError(f"{path} has {n} token ids but the model's vocabulary is {model.config.vocab_size}; "
+                          "use the tokenizer the model was trained with")
+    return tok
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help=f"train.py checkpoint (default {DEFAULT_CKPT.relative_to(REPO_ROOT)})")
+    p.add_argument("--hf_dir", default=None, help="load a Hugging Face LLaMA folder instead of --ckpt")
+    p.add_argument("--tokenizer", default=None, help="tokenizer .pkl (default: the one the data was prepared with)")
+    p.add_argument("--prompt", default="The ", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    if args.max_new_tokens <= 0:
+        raise CourseError(f"--max_new_tokens ({args.max_new_tokens}) must be > 0")
+    dev = get_device(args.device)
+    set_seed(args.seed)
+    model, stored_tok = load_any(args.ckpt, args.hf_dir, dev)
+    tok = load_matching_tokenizer(Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER), model)
+    ids = tok.encode(args.prompt, allowed_special="all")
+    if not ids:
+        raise CourseError("the prompt is empty; give at least one character")
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    n_total, t0 = 0, time.perf_counter()
+    for s in range(args.num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=dev)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(args.prompt)
+        with torch.inference_mode():
+            for t in stream_tokens(model, idx, args.max_new_tokens, model.config.block_size, args.temperature,
+                                   args.top_k, args.top_p, gen):
+                n_total += 1
+                if t == tok.eot_token:
+                    break
+                sys.stdout.write(decoder.decode(tok.decode_bytes([t])))  # a character may span two tokens
+                sys.stdout.flush()
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n" + ("-" * 40 + "\n" if s < args.num_samples - 1 else ""))
+    dt = time.perf_counter() - t0
+    print(f"done: samples={args.num_samples} new_tokens={n_total} tokens_per_s={n_total / dt:.1f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

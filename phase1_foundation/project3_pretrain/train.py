@@ -1,0 +1,411 @@
+"""Pre-train the LLaMA-style model (or, with --arch gpt, project 1's GPT) on the tokenized corpus.
+
+    uv run python phase1_foundation/project3_pretrain/train.py                          # cpu preset, 30 min
+    uv run python phase1_foundation/project3_pretrain/train.py --arch gpt --out_dir checkpoints/project3/gpt
+    uv run python phase1_foundation/project3_pretrain/train.py --preset gpu             # ~125M, bf16, compile
+    uv run python phase1_foundation/project3_pretrain/train.py --resume                 # exact resume
+
+PAPERS
+    Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization": AdamW, decay on matrices only.
+    Goyal et al., 2017 (linear warmup); Loshchilov & Hutter, 2017 (cosine decay) - project 1's cosine_lr.
+    Pascanu, Mikolov & Bengio, 2013: gradient-norm clipping.
+    Micikevicius et al., 2018, "Mixed Precision Training": fp16 with loss scaling (GradScaler); bf16 needs none.
+    Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost": gradient checkpointing.
+    Chowdhery et al., 2022 (PaLM), appendix B: model FLOPs utilisation (flops.py).
+
+Everything a run produces goes to --out_dir:
+    ckpt.pt       model, optimizer, GradScaler, step, RNG states, batch-sampler state, configs (exact --resume)
+    log.jsonl     one JSON object per log line / evaluation (train loss, lr, tokens/s, MFU, val loss, ppl, bpb)
+    curves.png    train/val loss and val bits-per-byte curves;  tb/ TensorBoard events when tensorboard is installed
+and the run ends with one line `done: ... val_bpb=... tokens_per_s=... mfu=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from course.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from course.device import device_summary, get_device, set_seed
+from course.errors import ConfigError, CourseError, run_cli
+from course.plots import plot_curves
+from phase1_foundation.project1_minimal_gpt.config import GPTConfig
+from phase1_foundation.project1_minimal_gpt.model import GPT
+from phase1_foundation.project1_minimal_gpt.train import cosine_lr, estimate_loss
+from phase1_foundation.project3_pretrain.config import LlamaConfig, TrainConfig
+from phase1_foundation.project3_pretrain.flops import flops_per_token, gpu_peak, measure_matmul_peak
+from phase1_foundation.project3_pretrain.model import Llama
+
+TRAIN_CMD = "uv run python phase1_foundation/project3_pretrain/train.py"
+PREPARE_CMD = "uv run python phase1_foundation/project3_pretrain/prepare_data.py"
+LN2 = math.log(2)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+class TokenData:
+    """The uint16 token shards written by prepare_data.py, memory-mapped (the corpus never sits in RAM).
+
+    meta.json carries vocab_size, the tokenizer path and, per split, the token and UTF-8 byte counts, so
+    bits per byte = loss (nats/token) / ln 2 * tokens / bytes is exact for the split.
+    """
+
+    def __init__(self, data_dir: str | Path, block_size: int):
+        self.dir = Path(data_dir)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise CourseError(f"{meta_path} not found; tokenize the corpus first: {PREPARE_CMD}")
+        self.meta = json.loads(meta_path.read_text())
+        self.splits: dict[str, np.memmap] = {}
+        for split in ("train", "val"):
+            path = self.dir / f"{split}.bin"
+            if not path.is_file():
+                raise CourseError(f"{path} not found; re-run {PREPARE_CMD}")
+            arr = np.memmap(path, dtype=np.uint16, mode="r")
+            if len(arr) < block_size + 1:
+                raise CourseError(f"{path} holds {len(arr):,} tokens, fewer than one block of block_size+1 = "
+                                  f"{block_size + 1}; use more text or a smaller --block_size")
+            self.splits[split] = arr
+        self.block_size = block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def tokens_per_byte(self, split: str) -> float:
+        s = self.meta["splits"][split]
+        return s["tokens"] / s["bytes"]
+
+    def get_batch(self, split: str, batch_size: int, device: torch.device, generator: torch.Generator):
+        """batch_size random windows of block_size+1 tokens: inputs x, next-token targets y."""
+        data = self.splits[split]
+        T = self.block_size
+        ix = torch.randint(len(data) - T - 1, (batch_size,), generator=generator).tolist()
+        buf = torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix]).astype(np.int64))
+        x, y = buf[:, :-1], buf[:, 1:]
+        if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the previous step
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+# ---- models -------------------------------------------------------------------------------------
+def gpt_config_for(cfg: LlamaConfig) -> GPTConfig:
+    """Project 1's GPT with the same depth, width, heads, context and vocabulary (no biases).
+
+    With the `cpu` preset (intermediate_size=608) the two models have exactly the same parameter count:
+    GQA's smaller K/V projections and the absent position table are paid back by a wider SwiGLU.
+    """
+    return GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=False).validate_config()
+
+
+def build_model(arch: str, cfg: LlamaConfig) -> torch.nn.Module:
+    if arch == "gpt":
+        return GPT(gpt_config_for(cfg))
+    return Llama(cfg)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied matrix appears once
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU autocast to bf16 is slow on most CPUs without AMX
+    return getattr(torch, name)
+
+
+def peak_flops(tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    if tcfg.peak_flops > 0:
+        return tcfg.peak_flops, "given"
+    if device.type == "cuda":
+        peak = gpu_peak(device, dtype)
+        if peak:
+            return peak, "datasheet"
+    return measure_matmul_peak(device, dtype, seconds=1.0), "measured"
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _state(model, optimizer, scaler, it, mcfg, tcfg, arch, losses, elapsed, tokens, batch_gen, seed, horizon, meta):
+    return {"iter": it, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "scaler_state_dict": scaler.state_dict(), "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+            "arch": arch, "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(), "seed": seed,
+            "rng_state": capture_rng_state(), "batch_rng_state": batch_gen.get_state(), "elapsed_s": elapsed,
+            "tokens_seen": tokens, "lr_horizon": horizon, "data_meta": meta}
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, checkpoint dict) for generate.py / evaluate.py / hf export, with clear errors."""
+    state = load_checkpoint(path, map_location="cpu", hint=f"train one first with: {TRAIN_CMD}")
+    missing = [k for k in ("model_state_dict", "model_config") if k not in state]
+    if missing:
+        raise CourseError(f"{path} is not a project-3 checkpoint (missing {', '.join(missing)})")
+    mcfg = LlamaConfig.from_dict(state["model_config"])
+    model = build_model(state.get("arch", "llama"), mcfg)
+    expected = model.state_dict()
+    for name, t in state["model_state_dict"].items():
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            raise CourseError(f"{path}: tensor '{name}' has shape {tuple(t.shape)} but the stored config implies "
+                              f"{tuple(expected[name].shape)}; the checkpoint is corrupt or from another model")
+    try:
+        model.load_state_dict(state["model_state_dict"])
+    except RuntimeError as e:
+        raise CourseError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), state
+
+
+def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: int = 1337, resume: bool = False,
+          progress: bool = True, train_overrides: dict | None = None) -> dict:
+    """Train or resume; return the summary dict. Exact resume: a run of 2N steps equals N + --resume + N."""
+    out_dir = Path(tcfg.out_dir)
+    state = None
+    if resume:
+        state = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu",
+                                hint=f"nothing to resume in {out_dir}; start without --resume: {TRAIN_CMD}")
+        mcfg = LlamaConfig.from_dict(state["model_config"])
+        tcfg = TrainConfig.from_dict({**state["train_config"], **(train_overrides or {})}).validate_config()
+        if tcfg.arch != state["arch"]:
+            raise ConfigError(f"cannot resume a '{state['arch']}' checkpoint as --arch {tcfg.arch}")
+        seed = state["seed"]
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    dev = get_device(device)
+    set_seed(seed)
+    data = TokenData(tcfg.data_dir, mcfg.block_size)
+    if mcfg.vocab_size != data.vocab_size:
+        if resume:
+            raise CourseError(f"{data.dir}/meta.json has vocab_size {data.vocab_size} but the checkpoint's model has "
+                              f"{mcfg.vocab_size}; the data was tokenized with another tokenizer")
+        mcfg = dataclasses.replace(mcfg, vocab_size=data.vocab_size).validate_config()
+    if tcfg.grad_checkpointing and tcfg.arch != "llama":
+        raise ConfigError("grad_checkpointing is implemented for --arch llama only")
+
+    model = build_model(tcfg.arch, mcfg).to(dev)
+    if tcfg.grad_checkpointing:
+        model.gradient_checkpointing = True
+    dtype = resolve_dtype(tcfg.dtype, dev)
+    if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use --dtype float16 (with loss scaling) or auto")
+    autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == torch.float16))
+    optimizer = model.configure_optimizer(tcfg.weight_decay, tcfg.lr, (tcfg.beta1, tcfg.beta2), dev.type)
+
+    batch_gen = torch.Generator().manual_seed(seed)  # the "data position": the random-window sampler's state
+    it, elapsed_before, tokens = 0, 0.0, 0
+    horizon = tcfg.lr_decay_iters or tcfg.max_iters
+    if state is not None:
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        scaler.load_state_dict(state["scaler_state_dict"])
+        it, elapsed_before, tokens = state["iter"], state["elapsed_s"], state["tokens_seen"]
+        horizon = state["lr_horizon"] if not tcfg.lr_decay_iters else tcfg.lr_decay_iters
+        restore_rng_state(state["rng_state"])
+        batch_gen.set_state(state["batch_rng_state"])
+    fwd = torch.compile(model) if tcfg.compile else model
+    start_iter = it
+
+    n_params = count_params(model)
+    head_dim = mcfg.hd if tcfg.arch == "llama" else mcfg.n_embd // mcfg.n_head
+    fpt = flops_per_token(model, mcfg.n_layer, mcfg.n_head, head_dim, mcfg.block_size)
+    peak, peak_src = peak_flops(tcfg, dev, dtype)
+    tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * mcfg.block_size
+    print(f"{tcfg.arch}: {n_params:,} parameters | {fpt / 1e6:.1f} MFLOP/token | device {device_summary(dev)} "
+          f"| {str(dtype).removeprefix('torch.')} | peak {peak / 1e12:.2f} TFLOP/s ({peak_src}) | "
+          f"train {len(data.splits['train']):,} tokens, val {len(data.splits['val']):,} | "
+          f"{tokens_per_iter:,} tokens/iter" + (f" | resuming at iter {it}" if resume else ""))
+
+    def batch(split: str, gen: torch.Generator):
+        return data.get_batch(split, tcfg.batch_size, dev, gen)
+
+    def evaluate() -> dict:
+        eval_gen = torch.Generator().manual_seed(seed + 1)  # same windows at every evaluation and for every arch
+        with autocast:
+            losses = estimate_loss(fwd, lambda split: batch(split, eval_gen), tcfg.eval_iters)
+        out = {"iter": it, "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t_loop}
+        for split in ("train", "val"):
+            out[f"{split}_loss"] = losses[split]
+            out[f"{split}_ppl"] = math.exp(losses[split])
+            out[f"{split}_bpb"] = losses[split] / LN2 * data.tokens_per_byte(split)
+        return out
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
+    if not resume and log_path.exists():
+        log_path.unlink()
+    log = open(log_path, "a")
+    writer = _tensorboard(out_dir / "tb")
+
+    def record(rec: dict) -> None:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "iter" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, rec["iter"])
+
+    budget = tcfg.time_budget_s or None
+    last_eval: dict = {}
+    step_time, steps_done, tokens_timed, loss_acc = 0.0, 0, 0, None
+    t_loop = time.perf_counter()
+    bar = tqdm(total=tcfg.max_iters, initial=it, desc=f"train {tcfg.arch}", unit="it", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    while True:
+        elapsed = elapsed_before + time.perf_counter() - t_loop
+        out_of_time = budget is not None and elapsed >= budget
+        finished = it >= tcfg.max_iters or out_of_time
+        if (it % tcfg.eval_interval == 0 and it != start_iter) or finished or it == 0:
+            last_eval = evaluate()
+            record({"kind": "eval", **last_eval})
+            bar.write(f"iter {it}: train loss {last_eval['train_loss']:.4f}, val loss {last_eval['val_loss']:.4f}, "
+                      f"val ppl {last_eval['val_ppl']:.1f}, val bpb {last_eval['val_bpb']:.4f}")
+            losses = {"train": last_eval["train_loss"], "val": last_eval["val_loss"]}
+            save_checkpoint(out_dir / "ckpt.pt", _state(model, optimizer, scaler, it, mcfg, tcfg, tcfg.arch, losses,
+                                                        last_eval["elapsed_s"], tokens, batch_gen, seed, horizon,
+                                                        data.meta))
+        if finished:
+            break
+
+        # With a wall-clock budget the cosine must end when time runs out: re-estimate the horizon from
+        # the iterations/second of this run so far (evaluations included), as project 1 does.
+        if budget is not None and steps_done >= 10 and not tcfg.lr_decay_iters:
+            rate = steps_done / (time.perf_counter() - t_loop)
+            horizon = min(tcfg.max_iters, it + int(rate * (budget - elapsed)))
+        lr = cosine_lr(it, tcfg.warmup_iters, horizon, tcfg.lr, tcfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        t0 = time.perf_counter()
+        for micro in range(tcfg.grad_accum):
+            x, y = batch("train", batch_gen)
+            with autocast:
+                _, loss = fwd(x, y)
+            # mean over micro-batches: the gradient equals that of one batch grad_accum times larger
+            scaler.scale(loss / tcfg.grad_accum).backward()
+            loss_acc = loss.detach() if micro == 0 else loss_acc + loss.detach()
+        if tcfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        steps_done += 1
+        tokens += tokens_per_iter
+        if it % tcfg.log_interval == 0:  # .item() waits for the device: only this often
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            step_time += time.perf_counter() - t0
+            tokens_timed += tokens_per_iter
+            tok_s = tokens_timed / step_time
+            rec = {"kind": "train", "iter": it, "loss": loss_acc.item() / tcfg.grad_accum, "lr": lr,
+                   "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t_loop,
+                   "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak}
+            if tcfg.grad_clip > 0:
+                rec["grad_norm"] = float(grad_norm)
+            record(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
+                            mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+        else:
+            step_time += time.perf_counter() - t0
+            tokens_timed += tokens_per_iter
+        bar.update(1)
+    bar.close()
+    log.close()
+    if writer is not None:
+        writer.close()
+
+    tok_s = tokens_timed / step_time if step_time > 0 else 0.0
+    summary = {"arch": tcfg.arch, "params": n_params, "iters": it, "tokens_seen": tokens, **last_eval,
+               "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak, "flops_per_token": fpt, "peak_flops": peak,
+               "peak_source": peak_src, "device": device_summary(dev), "dtype": str(dtype).removeprefix("torch."),
+               "stopped_by": "time_budget" if out_of_time else "max_iters"}
+    if dev.type == "cuda":
+        summary["max_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    plot_run(out_dir)
+    print(f"saved: {out_dir / 'ckpt.pt'}, {log_path}, {out_dir / 'curves.png'}")
+    print(f"done: arch={tcfg.arch} params={n_params:,} iters={it} tokens={tokens:,} "
+          f"val_loss={summary.get('val_loss', float('nan')):.4f} val_ppl={summary.get('val_ppl', float('nan')):.1f} "
+          f"val_bpb={summary.get('val_bpb', float('nan')):.4f} tokens_per_s={tok_s:,.0f} "
+          f"mfu={100 * summary['mfu']:.1f}%")
+    return summary
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: the JSONL log and the PNG carry the same numbers
+        return None
+    return SummaryWriter(str(path))
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise CourseError(f"{path} not found; train first: {TRAIN_CMD}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(out_dir: Path) -> None:
+    recs = read_log(out_dir / "log.jsonl")
+    tr = [r for r in recs if r["kind"] == "train"]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    if len(ev) < 2:
+        return
+    curves = {"train (batch)": ([r["iter"] for r in tr], [r["loss"] for r in tr]),
+              "train (eval)": ([r["iter"] for r in ev], [r["train_loss"] for r in ev]),
+              "val": ([r["iter"] for r in ev], [r["val_loss"] for r in ev])}
+    plot_curves(out_dir / "curves.png", curves, title=f"{out_dir.name}: loss", xlabel="iteration",
+                ylabel="cross-entropy (nats/token)")
+    plot_curves(out_dir / "val_bpb.png", {"val": ([r["elapsed_s"] / 60 for r in ev], [r["val_bpb"] for r in ev])},
+                title=f"{out_dir.name}: validation bits per byte", xlabel="wall-clock minutes", ylabel="bits/byte")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/ckpt.pt (its configs; training flags given here override)")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
+    LlamaConfig.add_args(parser, default_preset="cpu")  # adds --preset (used for both configs)
+    _TrainArgs.add_args(parser)
+    return parser
+
+
+@dataclasses.dataclass
+class _TrainArgs(TrainConfig):
+    PRESETS = {}  # --preset is added once, by LlamaConfig
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, dict]:
+    model_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+    given = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+    mcfg = LlamaConfig.from_preset(args.preset, **{k: v for k, v in given.items() if k in model_fields})
+    train_over = {k: v for k, v in given.items() if k not in model_fields}
+    tcfg = TrainConfig.from_preset(args.preset, **train_over)
+    return mcfg.validate_config(), tcfg.validate_config(), train_over
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    mcfg, tcfg, train_over = configs_from_args(args)
+    if not args.resume:
+        mcfg.print_config(f"LlamaConfig (preset {args.preset})")
+        tcfg.print_config(f"TrainConfig (preset {args.preset})")
+    return train(mcfg, tcfg, device=args.device, seed=args.seed, resume=args.resume,
+                 progress=not args.no_progress, train_overrides=train_over)
+
+
+if __name__ == "__main__":
+    run_cli(main)
