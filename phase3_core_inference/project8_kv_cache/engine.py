@@ -39,6 +39,9 @@ from phase3_core_inference.project8_kv_cache.kv_cache import KVCache
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams, sample_token
 
 
+GREEDY = SamplingParams(temperature=0.0)  # what every generate function does when given no params
+
+
 @dataclass
 class GenStats:
     prompt_tokens: int = 0
@@ -90,7 +93,7 @@ class Engine:
         With reuse_cache, the cached tokens shared with `prompt` (its longest common prefix with
         `self.tokens`) are not recomputed: only the rest of the prompt is prefilled.
         """
-        params = (params or SamplingParams()).check()
+        params = (params or GREEDY).check()
         if not prompt:
             raise CourseError("the prompt is empty: give at least one token (e.g. BOS)")
         if len(prompt) > self.max_len:
@@ -161,7 +164,7 @@ def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: i
 
     With return_logits, also returns the list of (B, vocab) logits each new token was chosen from.
     """
-    params = (params or SamplingParams()).check()
+    params = (params or GREEDY).check()
     B, T = idx.shape
     p = next(model.parameters())
     cache = KVCache.for_model(model.config, batch=B, max_len=T + max_new_tokens, dtype=p.dtype, device=idx.device)
@@ -183,7 +186,7 @@ def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: i
 def generate_nocache(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
                      params: SamplingParams | None = None, generator: torch.Generator | None = None):
     """The baseline: recompute the whole sequence for every new token (no cache)."""
-    params = (params or SamplingParams()).check()
+    params = (params or GREEDY).check()
     out = idx
     for _ in range(max_new_tokens):
         logits = model(out)[0][:, -1]

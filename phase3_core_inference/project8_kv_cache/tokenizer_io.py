@@ -154,19 +154,6 @@ def load_llama2c_tokenizer(path: str | Path, vocab_size: int | None = None) -> S
 # ------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json
 # ------------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 class CourseTokenizer:
     """Adapter giving project 2's RegexTokenizer the engine's interface (bos/eos, piece_bytes)."""
 
@@ -265,9 +252,9 @@ def load_hf_tokenizer(folder: str | Path):
                                 chat_template=template, add_bos=add_bos, name=f"tokenizer.json {folder.name}")
 
     # Byte-level BPE: a token's bytes are the inverse of GPT-2's byte->char map applied to its string.
-    from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer
+    from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer, gpt2_bytes_to_unicode
 
-    dec = {c: b for b, c in bytes_to_unicode().items()}
+    dec = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     for s, i in vocab.items():
         if s in special:

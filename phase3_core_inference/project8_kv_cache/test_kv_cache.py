@@ -1,0 +1,235 @@
+"""The KV cache is exact: cached decoding gives the logits of a full recompute, and our greedy output
+equals `transformers` generate() token for token; real checkpoints (stories260K) reproduce their reference.
+
+Batches: rows of one batch share a prompt length (the model has no padding mask); prompts of different
+lengths are tested as separate runs (parametrised prompt_len), each with batch > 1.
+
+Run: uv run pytest -q phase3_core_inference/project8_kv_cache/test_kv_cache.py
+As a script it prints a cache-size table for a few real model shapes:
+     uv run python phase3_core_inference/project8_kv_cache/test_kv_cache.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from course.errors import CourseError
+from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
+from phase3_core_inference.project8_kv_cache.engine import Engine, generate_cached, generate_nocache
+from phase3_core_inference.project8_kv_cache.kv_cache import KVCache, kv_cache_bytes
+from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
+
+DATA = Path("data/stories260k")
+REFERENCE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+             "One day, she saw a big, red ball. She wanted to play with it, but it was too high.\n"
+             "Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do.")
+
+
+def tiny_llama(seed=0, n_head=4, n_kv_head=2, **kw) -> Llama:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(block_size=64, vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=32,
+                      intermediate_size=64, **kw)
+    model = Llama(cfg).eval()
+    with torch.no_grad():  # non-trivial norm gains, so a wrong cache read cannot hide behind init values
+        for m in model.modules():
+            if hasattr(m, "eps"):
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+# ---- the cache itself -------------------------------------------------------------------------------
+def test_update_writes_in_place_and_returns_prefix():
+    c = KVCache(n_layers=2, batch=3, n_kv_heads=2, max_len=10, head_dim=4)
+    ptr = c.k[1].data_ptr()
+    k1, v1 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    k, v = c.update(1, k1, v1, 0)
+    assert k.shape == (3, 2, 4, 4) and torch.equal(k, k1) and torch.equal(v, v1)
+    k2, v2 = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    k, v = c.update(1, k2, v2, 4)
+    assert k.shape == (3, 2, 5, 4)
+    assert torch.equal(k[:, :, :4], k1) and torch.equal(k[:, :, 4:], k2) and torch.equal(v[:, :, 4:], v2)
+    assert c.k[1].data_ptr() == ptr and k.data_ptr() == ptr  # a view of the preallocated buffer
+    assert c.length == 5 and torch.count_nonzero(c.k[0]) == 0  # other layers untouched
+
+
+def test_reset_crop_and_overwrite():
+    c = KVCache(1, 1, 1, 8, 2)
+    c.update(0, torch.ones(1, 1, 6, 2), torch.ones(1, 1, 6, 2), 0)
+    c.crop(3)
+    assert c.length == 3
+    k, _ = c.update(0, torch.full((1, 1, 1, 2), 7.0), torch.zeros(1, 1, 1, 2), 3)
+    assert k.shape[2] == 4 and k[0, 0, 3, 0] == 7.0 and k[0, 0, 2, 0] == 1.0
+    c.reset()
+    assert c.length == 0 and c.used_bytes == 0
+
+
+def test_overflow_and_bad_shapes_are_clear_errors():
+    c = KVCache(1, 2, 2, 4, 8)
+    with pytest.raises(CourseError, match="KV cache is full"):
+        c.update(0, torch.zeros(2, 2, 5, 8), torch.zeros(2, 2, 5, 8), 0)
+    with pytest.raises(CourseError, match="expects k of shape"):
+        c.update(0, torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)
+    with pytest.raises(CourseError, match="positive int"):
+        KVCache(0, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_accounting_is_exact(dtype):
+    L, B, H, T, D = 3, 2, 5, 17, 8
+    c = KVCache(L, B, H, T, D, dtype=dtype)
+    allocated = sum(t.numel() * t.element_size() for t in c.k + c.v)
+    assert c.nbytes == allocated == 2 * L * H * D * T * torch.empty((), dtype=dtype).element_size() * B
+    c.update(0, torch.zeros(B, H, 5, D, dtype=dtype), torch.zeros(B, H, 5, D, dtype=dtype), 0)
+    assert c.used_bytes == kv_cache_bytes(L, H, D, 5, dtype, B)
+
+
+def test_gqa_shrinks_the_cache_by_the_group_size():
+    # TinyLlama-1.1B: 22 layers, 32 query heads, 4 KV heads, head_dim 64, fp16, 2048 tokens
+    gqa = kv_cache_bytes(22, 4, 64, 2048, torch.float16)
+    mha = kv_cache_bytes(22, 32, 64, 2048, torch.float16)
+    assert mha == 8 * gqa and gqa == 44 * 2**20  # 44 MiB instead of 352 MiB
+
+
+# ---- the model with the cache equals the model without it ---------------------------------------------
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (4, 2), (4, 1)])  # MHA, GQA, MQA
+@pytest.mark.parametrize("prompt_len", [1, 5, 16])
+def test_cached_logits_equal_full_recompute_at_every_step(n_head, n_kv_head, prompt_len):
+    model = tiny_llama(seed=prompt_len, n_head=n_head, n_kv_head=n_kv_head)
+    idx = torch.randint(0, 97, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out, step_logits = generate_cached(model, idx, max_new_tokens=12, return_logits=True)
+    with torch.no_grad():
+        for i, logits in enumerate(step_logits):
+            full = model(out[:, :prompt_len + i])[0][:, -1]
+            torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+    assert torch.equal(out, generate_nocache(model, idx, 12))
+
+
+def test_chunked_prefill_matches_and_no_cache_path_is_unchanged():
+    model = tiny_llama(seed=3)
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache.for_model(model.config, batch=2)
+        a = model(idx[:, :7], kv_cache=cache, start_pos=0)[0]
+        b = model(idx[:, 7:], kv_cache=cache, start_pos=7)[0]  # a chunk of queries after cached keys
+        torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=0, atol=1e-5)
+        cache2 = KVCache.for_model(model.config, batch=2)
+        assert torch.equal(model(idx, kv_cache=cache2, start_pos=0)[0], full)
+
+
+def test_engine_reuses_the_cache_across_turns():
+    model = tiny_llama(seed=4)
+    eng = Engine(model)
+    first = [5, 6, 7, 8]
+    out1 = list(eng.generate(first, 6))
+    assert eng.tokens == first + out1[:-1] and eng.cache.length == len(eng.tokens)
+    second = first + out1 + [9, 10]  # the next turn extends the conversation
+    out2 = list(eng.generate(second, 6, reuse_cache=True))
+    fresh = Engine(model)
+    assert out2 == list(fresh.generate(second, 6))
+    edited = [5, 6, 90, 1, 2]  # a diverging prompt: the cache is cropped to the common prefix [5, 6]
+    assert list(eng.generate(edited, 5, reuse_cache=True)) == list(Engine(model).generate(edited, 5))
+
+
+def test_engine_context_errors():
+    eng = Engine(tiny_llama())
+    with pytest.raises(CourseError, match="context window"):
+        list(eng.generate(list(range(70)), 1))
+    with pytest.raises(CourseError, match="lower --max_new_tokens"):
+        list(eng.generate([1, 2, 3], 62))
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_llama(seed=5)
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+
+    def run(seed):
+        return list(Engine(model).generate([1, 2], 20, params, torch.Generator().manual_seed(seed)))
+
+    assert run(3) == run(3) and run(3) != run(4)
+
+
+# ---- against transformers -----------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers", reason="transformers (dev group) is needed")
+
+
+@pytest.mark.parametrize("tie,n_kv", [(True, 2), (False, 1), (False, 4)])
+def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv):
+    from phase3_core_inference.project8_kv_cache.loading import load_model
+
+    torch.manual_seed(n_kv)
+    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # a spikier init, so greedy paths are long and distinctive
+        for p in hf.parameters():
+            p.normal_(0, 0.15 if p.dim() > 1 else 1.0)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(str(tmp_path)).model
+    prompt = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(n_kv))
+    n = 40
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    mine = generate_cached(ours, prompt, n)
+    assert torch.equal(mine, theirs)
+    assert len(set(mine[0, 7:].tolist())) > 3  # not a degenerate repeat of one token
+
+
+# ---- a real pretrained checkpoint ---------------------------------------------------------------------
+needs_data = pytest.mark.skipif(not (DATA / "stories260K.bin").is_file() or not (DATA / "tok512.bin").is_file(),
+                                reason="data/stories260k absent: run phase3_core_inference/project8_kv_cache/"
+                                       "download_data.py (or --source DIR)")
+
+
+@needs_data
+def test_stories260k_greedy_matches_reference_text():
+    from phase3_core_inference.project8_kv_cache.engine import TextStream
+    from phase3_core_inference.project8_kv_cache.loading import load_model, load_tokenizer_for
+
+    loaded = load_model(str(DATA / "stories260K.bin"))
+    tok = load_tokenizer_for(loaded)
+    eng = Engine(loaded.model)
+    stream = TextStream(tok, prev_id=1)
+    text = "".join(stream.push(t) for t in eng.generate([1], 120, stop_ids={1, 2}))
+    assert text.startswith(REFERENCE), text
+    assert tok.encode(REFERENCE[:60]) == [1] + eng.tokens[1:len(tok.encode(REFERENCE[:60]))]
+
+
+@needs_data
+def test_stories260k_equals_transformers_on_the_same_weights():
+    """The llama2.c reader + RoPE permutation, checked independently: HF's model on our converted tensors."""
+    from phase3_core_inference.project8_kv_cache.llama2c import load_llama2c
+    from phase3_core_inference.project8_kv_cache.loading import load_model
+
+    config, state = load_llama2c(DATA / "stories260K.bin")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in config.items()
+                                                                   if k != "architectures"})).eval()
+    hf.load_state_dict(state, strict=False)
+    ours = load_model(str(DATA / "stories260K.bin")).model
+    idx = torch.tensor([[1, 403, 407, 261, 378]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- as a script: cache sizes of real shapes ------------------------------------------------------------
+def main() -> None:
+    shapes = {  # name: layers, query heads, kv heads, head_dim, context
+        "stories260K": (5, 8, 4, 8, 512), "stories15M": (6, 6, 6, 48, 256),
+        "TinyLlama-1.1B": (22, 32, 4, 64, 2048), "Llama-2-7B": (32, 32, 32, 128, 4096),
+        "Llama-3-8B": (32, 32, 8, 128, 8192),
+    }
+    print(f"{'model':<16}{'kv/q heads':>11}{'fp16 KV/token':>15}{'full context':>14}{'as MHA':>12}")
+    for name, (L, H, KV, D, T) in shapes.items():
+        per_tok = kv_cache_bytes(L, KV, D, 1, torch.float16)
+        print(f"{name:<16}{f'{KV}/{H}':>11}{per_tok / 1024:>12.1f} KiB{kv_cache_bytes(L, KV, D, T, torch.float16) / 2**20:>10.1f} MiB"
+              f"{kv_cache_bytes(L, H, D, T, torch.float16) / 2**20:>8.0f} MiB")
+    print(json.dumps({"formula": "2 x layers x kv_heads x head_dim x tokens x bytes/element"}))
+
+
+if __name__ == "__main__":
+    main()
