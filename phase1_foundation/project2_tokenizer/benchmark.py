@@ -1,0 +1,3 @@
+"""placeholder"""
+import argparse
+argparse.ArgumentParser().parse_args()

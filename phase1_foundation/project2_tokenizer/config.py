@@ -1,0 +1,65 @@
+"""Hyperparameters of tokenizer training (train_tokenizer.py), with presets and validation.
+
+Tokenizer training runs on the CPU whatever the machine (BPE is integer bookkeeping, not tensor
+math), so the presets differ only in how many processes pre-tokenize. Both train the course
+tokenizer: 10,000 ids including "<|endoftext|>", which project 3 and later projects rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from course.config import BaseConfig
+from phase1_foundation.project2_tokenizer.tokenizer import SPLIT_PATTERNS
+
+
+@dataclass
+class TokenizerConfig(BaseConfig):
+    vocab_size: int = 10_000              # total ids: 256 bytes + merges + special tokens
+    pattern: str = "gpt4"                 # split pattern: gpt2 | gpt4 (cl100k)
+    special_tokens: str = "<|endoftext|>"  # comma-separated; they get the last ids
+    data_dir: str = "data/gutenberg"      # the *.txt.gz books (download_data.py --dataset gutenberg)
+    heldout_every: int = 25               # book k is held out for evaluation when k % heldout_every == 0
+    max_train_mb: float = 0.0             # use only the first N MB of training text (0 = all)
+    num_workers: int = 2                  # pre-tokenization processes
+    out_dir: str = "checkpoints/project2"
+    plot_sizes: str = "256,512,1000,2000,5000,10000"  # vocab sizes for the compression-vs-vocab plot
+    log_every: int = 1000                 # print a sample merge every N merges (0 = never)
+
+    PRESETS: ClassVar[dict] = {
+        "cpu": {"num_workers": 2},
+        "gpu": {"num_workers": 8},  # a GPU machine has more cores; the tokenizer itself stays on CPU
+    }
+
+    def special_token_list(self) -> list[str]:
+        return [s.strip() for s in self.special_tokens.split(",") if s.strip()]
+
+    def plot_size_list(self) -> list[int]:
+        return [int(s) for s in self.plot_sizes.split(",") if s.strip()]
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        if errors:
+            return errors
+        specials = self.special_token_list()
+        if len(set(specials)) != len(specials):
+            errors.append(f"special_tokens ({self.special_tokens!r}) lists a token twice")
+        if self.vocab_size <= 256 + len(specials):
+            errors.append(f"vocab_size ({self.vocab_size}) must be > 256 + {len(specials)} special token(s) "
+                          f"= {256 + len(specials)}, to leave room for at least one merge")
+        self.check_choice(errors, "pattern", SPLIT_PATTERNS)
+        self.check_positive(errors, "num_workers")
+        if self.heldout_every < 0 or self.heldout_every == 1:
+            errors.append(f"heldout_every ({self.heldout_every}) must be 0 (no held-out books) or >= 2")
+        if self.max_train_mb < 0:
+            errors.append(f"max_train_mb ({self.max_train_mb}) must be >= 0")
+        if self.log_every < 0:
+            errors.append(f"log_every ({self.log_every}) must be >= 0")
+        try:
+            sizes = self.plot_size_list()
+            if any(s < 256 or s > self.vocab_size for s in sizes):
+                errors.append(f"plot_sizes ({self.plot_sizes}) must lie in [256, vocab_size]")
+        except ValueError:
+            errors.append(f"plot_sizes ({self.plot_sizes!r}) must be comma-separated integers")
+        return errors

@@ -1,0 +1,557 @@
+"""Tests for the byte-level BPE tokenizer; run as a script for an interactive tokenizer viewer.
+
+    uv run --frozen pytest -q phase1_foundation/project2_tokenizer
+    uv run python phase1_foundation/project2_tokenizer/test_tokenizer.py --interactive [--tokenizer PATH|gpt2]
+
+References: tiktoken (OpenAI's Rust BPE) built from the same rank tables and patterns, and a naive
+BPE trainer written here from the definition. GPT-2 tests need data/gpt2_bpe/ (download_data.py
+--dataset gpt2_bpe) and skip with that reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import regex
+
+from course.errors import ConfigError, CourseError
+from phase1_foundation.project2_tokenizer.config import TokenizerConfig
+from phase1_foundation.project2_tokenizer.tokenizer import (
+    ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, BasicTokenizer,
+    DisallowedSpecialTokenError, RegexTokenizer, TokenizerError, load_gpt2, load_ranks, load_tokenizer,
+    train_merges)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+GPT2_DIR = ROOT / "data" / "gpt2_bpe"
+WIKI_DIR = ROOT / "data" / "wikitext2"
+
+# Texts that break tokenizers: unicode scripts, emoji (ZWJ sequences, flags), CJK, code, long
+# whitespace runs, numbers, contractions, CRLF, things that look like special tokens.
+HARD_TEXTS = [
+    "", " ", "a", "Hello world", "hello world!!! How's it going?",
+    "I'm you're he'll we've they'd it's DON'T I'M She'S", "'s 's' ''s",
+    "   leading spaces", "trailing spaces   ", "tabs\t\tand\r\nCRLF\r\nlines\r\n",
+    " " * 1000, "\n" * 500, "a" + " " * 300 + "b", "\t \n" * 100, "x\n\n\n   \n  y", "  \n\n  ",
+    "1234567890 3.14159 1,000,000 -42 0x1F 12345678901234567890 ١٢٣ ½ ²",
+    "naïve café résumé Zürich e\u0301 ﬁ", "Ελληνικά русский текст עברית العربية हिन्दी ไทย",
+    "你好，世界！こんにちは 안녕하세요 中文字符測試",
+    "👋🌍 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷🇯🇵 ❤️ 🤖🤖🤖",
+    "def f(x):\n    return x**2  # square\n\nclass A:\n\tpass\n",
+    'if (a && b) { x += 1; } else { y = "str\\n"; }  // C\n{"key": [1, 2.5e-3, null]}',
+    "<|endoftext|> is just text here", "<|endoftext", "end<|endoftext|>start",
+    "\u0000\u0001\u007f\u0080\u00ff\ufffd\ufeff\u200b", "Ǆǅǆ ǈ ΐ ſ K Å",
+    "The quick brown fox jumps over the lazy dog. " * 20,
+]
+
+
+def _wiki(split: str) -> str | None:
+    p = WIKI_DIR / f"wiki.{split}.raw"
+    return p.read_text(encoding="utf-8") if p.is_file() else None
+
+
+def _fallback_corpus() -> str:
+    """Training text when WikiText-2 is not downloaded: this project's own source and docs."""
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(HERE.glob("*.py")) + sorted(HERE.glob("*.md")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Naive reference trainer, written from the definition (no code shared with tokenizer.py)
+# ------------------------------------------------------------------------------------------------
+
+def naive_train(chunk_counts: dict[bytes, int], num_merges: int) -> list[tuple[tuple[int, int], int]]:
+    """Every step: count all pairs in all chunks (weighted), take the most frequent (ties: smallest
+    pair), replace it everywhere left to right. O(merges x corpus), obviously right."""
+    words = [(list(chunk), c) for chunk, c in chunk_counts.items()]
+    merges = []
+    for step in range(num_merges):
+        stats: Counter = Counter()
+        for w, c in words:
+            for i in range(len(w) - 1):
+                stats[(w[i], w[i + 1])] += c
+        if not stats:
+            break
+        best = min(stats, key=lambda p: (-stats[p], p))
+        merges.append((best, stats[best]))
+        new_words = []
+        for w, c in words:
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(256 + step)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new_words.append((out, c))
+        words = new_words
+    return merges
+
+
+def random_corpus(rng: random.Random) -> dict[bytes, int]:
+    alphabet = rng.choice(["ab", "abc", "ab c", "aaab", "xyz\u00e9\u4e2d"])
+    chunks = {}
+    for _ in range(rng.randint(1, 40)):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        chunks[s.encode()] = rng.randint(1, 5)
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: hand-checked example, fast == naive
+# ------------------------------------------------------------------------------------------------
+
+def test_classic_aaabdaaabac():
+    # Wikipedia's BPE example: aa -> Z, ab -> Y, ZY -> X. "aa" occurs 4 times (left to right in
+    # "aaab": aa, then a). Then Za and ab tie at 2: the smaller pair (97, 98) = "ab" wins.
+    tok = BasicTokenizer()
+    tok.train("aaabdaaabac", vocab_size=259)
+    assert tok.merges == {(97, 97): 256, (97, 98): 257, (256, 257): 258}
+    assert tok.vocab[258] == b"aaab"
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.decode(tok.encode("aaabdaaabac")) == "aaabdaaabac"
+
+
+def test_train_merges_counts_and_overlaps():
+    # "aaaa" holds 3 overlapping (a,a) pairs; merging left to right leaves [aa, aa].
+    merges = train_merges({b"aaaa": 2, b"ab": 1}, 3)
+    assert merges == [((97, 97), 6), ((256, 256), 2), ((97, 98), 1)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_trainer_equals_naive(seed):
+    rng = random.Random(seed)
+    corpus = random_corpus(rng)
+    n = rng.randint(1, 30)
+    assert train_merges(corpus, n) == naive_train(corpus, n)
+
+
+def test_regex_trainer_equals_naive_on_real_text():
+    text = (_wiki("valid") or _fallback_corpus())[:60_000]
+    tok = RegexTokenizer("gpt4")
+    tok.train(text, vocab_size=256 + 120)
+    counts = Counter(regex.findall(GPT4_SPLIT_PATTERN, text))
+    expected = naive_train({s.encode(): c for s, c in counts.items()}, 120)
+    assert list(tok.merges) == [pair for pair, _ in expected]
+
+
+def test_parallel_pretokenization_gives_same_merges():
+    docs = [(_wiki("valid") or _fallback_corpus())[i:300_000:3] for i in range(3)]  # 3 different docs
+    one = RegexTokenizer("gpt2").train(docs, 400, num_workers=1)
+    two = RegexTokenizer("gpt2").train(docs, 400, num_workers=2)
+    assert one.merges == two.merges
+
+
+def test_special_tokens_are_not_learned_and_get_last_ids():
+    tok = RegexTokenizer("gpt4", special_tokens=[ENDOFTEXT])
+    text = (_wiki("valid") or _fallback_corpus())[:50_000]
+    tok.train([text[:25_000] + ENDOFTEXT + text[25_000:], ENDOFTEXT * 20], vocab_size=300)
+    assert tok.vocab_size == 300 and tok.eot_token == 299
+    assert not any(b"endoftext" in t or b"<|" in t for t in tok.vocab.values())
+    assert tok.encode("hi" + ENDOFTEXT, allowed_special="all")[-1] == 299
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact parity with tiktoken
+# ------------------------------------------------------------------------------------------------
+
+tiktoken = pytest.importorskip("tiktoken", reason="tiktoken (dev dependency) is needed for parity tests")
+
+
+def _gpt2_paths():
+    enc, bpe = GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe"
+    if not (enc.is_file() and bpe.is_file()):
+        pytest.skip("GPT-2 files absent from data/gpt2_bpe/; run: uv run python "
+                    "phase1_foundation/project2_tokenizer/download_data.py --dataset gpt2_bpe")
+    return enc, bpe
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(tmp_path_factory):
+    """(our GPT-2 tokenizer, tiktoken Encoding built by tiktoken's own loader from the same files)."""
+    enc_path, bpe_path = _gpt2_paths()
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TIKTOKEN_CACHE_DIR", "")  # read the local files directly, no cache, no network
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(bpe_path), encoder_json_file=str(enc_path))
+    mp.undo()
+    theirs = tiktoken.Encoding("gpt2_local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                               special_tokens={ENDOFTEXT: 50256})
+    return load_gpt2(enc_path, bpe_path), theirs
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 1,024-token tokenizer per pattern, trained on WikiText-2 valid (or this project's source)."""
+    text = _wiki("valid") or _fallback_corpus()
+    return {name: RegexTokenizer(name, special_tokens=[ENDOFTEXT]).train(text, 1024) for name in SPLIT_PATTERNS}
+
+
+def _as_tiktoken(tok: RegexTokenizer):
+    return tiktoken.Encoding(f"ours_{len(tok.vocab)}", pat_str=tok.pattern, mergeable_ranks=tok.to_ranks(),
+                             special_tokens=tok.special_tokens)
+
+
+def test_gpt2_known_ids(gpt2_pair):
+    ours, _ = gpt2_pair
+    assert ours.encode("Hello world") == [15496, 995]
+    assert ours.vocab_size == 50257 and ours.eot_token == 50256
+    assert len(ours.merges) == 50000 and ours.merges[(220, 83)] == 256  # first merge: "Ġ t" = " t"
+
+
+@pytest.mark.parametrize("text", HARD_TEXTS)
+def test_gpt2_parity_hard_texts(gpt2_pair, text):
+    ours, theirs = gpt2_pair
+    assert ours.encode(text, disallowed_special=()) == theirs.encode(text, disallowed_special=())
+    assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
+    assert ours.decode(ours.encode_ordinary(text)) == text
+
+
+def test_gpt2_parity_wikitext(gpt2_pair):
+    ours, theirs = gpt2_pair
+    text = _wiki("test")
+    if text is None:
+        pytest.skip("data/wikitext2/wiki.test.raw absent; run download_data.py --dataset wikitext2")
+    assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+
+
+def test_gpt2_lone_surrogate_like_tiktoken(gpt2_pair):
+    ours, theirs = gpt2_pair
+    text = "a\ud800b \udfff"
+    assert ours.encode(text) == theirs.encode(text)
+
+
+@pytest.mark.parametrize("name", list(SPLIT_PATTERNS))
+def test_trained_parity_with_tiktoken(trained, name):
+    ours = trained[name]
+    theirs = _as_tiktoken(ours)
+    held_out = (_wiki("test") or "")[:400_000]
+    for text in HARD_TEXTS + [held_out]:
+        assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all"), text[:60]
+    assert ours.encode_batch(HARD_TEXTS, disallowed_special=()) == theirs.encode_batch(HARD_TEXTS, disallowed_special=())
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    HAVE_HYPOTHESIS = True
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    HAVE_HYPOTHESIS = False
+
+needs_hypothesis = pytest.mark.skipif(not HAVE_HYPOTHESIS, reason="hypothesis (dev dependency) not installed")
+if HAVE_HYPOTHESIS:
+    # Text mixing ASCII, whitespace runs, digits and arbitrary unicode (surrogates excluded: not valid text).
+    texts = st.one_of(
+        st.text(max_size=200),
+        st.text(alphabet=st.sampled_from(list(" \t\n\r aA1'.,!é中👋\u0301")), max_size=200),
+        st.lists(st.sampled_from(HARD_TEXTS), max_size=4).map("".join),
+    )
+    fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+else:
+    texts, fuzz = None, (lambda f: f)
+
+    def given(*a, **k):  # noqa: D103
+        return lambda f: f
+
+
+@needs_hypothesis
+@fuzz
+@given(text=texts)
+def test_roundtrip_property(trained, text):
+    for tok in trained.values():
+        assert tok.decode(tok.encode_ordinary(text)) == text
+        assert tok.decode_bytes(tok.encode_ordinary(text)) == text.encode("utf-8")
+
+
+@needs_hypothesis
+@fuzz
+@given(text=texts)
+def test_trained_parity_property(trained, text):
+    ours = trained["gpt4"]
+    assert ours.encode_ordinary(text) == _as_tiktoken(ours).encode_ordinary(text)
+
+
+@needs_hypothesis
+@fuzz
+@given(text=texts)
+def test_gpt2_parity_property(gpt2_pair, text):
+    ours, theirs = gpt2_pair
+    ids = ours.encode_ordinary(text)
+    assert ids == theirs.encode_ordinary(text)
+    assert ours.decode(ids) == text
+
+
+@needs_hypothesis
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40))
+def test_basic_roundtrip_property(text):
+    tok = BasicTokenizer().train("the cat sat on the mat; 🐈 ünïcödé", 280)
+    assert tok.decode(tok.encode(text)) == text
+
+
+# ------------------------------------------------------------------------------------------------
+# Special tokens (tiktoken's contract)
+# ------------------------------------------------------------------------------------------------
+
+def test_special_tokens_contract(gpt2_pair):
+    ours, theirs = gpt2_pair
+    text = "a<|endoftext|>b"
+    for tok in (ours, theirs):
+        with pytest.raises(ValueError):
+            tok.encode(text)  # disallowed by default
+    with pytest.raises(DisallowedSpecialTokenError, match="allowed_special"):
+        ours.encode(text)
+    assert ours.encode(text, allowed_special={ENDOFTEXT}) == theirs.encode(text, allowed_special={ENDOFTEXT})
+    assert ours.encode(text, allowed_special={ENDOFTEXT})[1] == 50256
+    assert ours.encode(text, disallowed_special=()) == theirs.encode(text, disallowed_special=())
+    assert 50256 not in ours.encode(text, disallowed_special=())
+    assert ours.decode(ours.encode(text, allowed_special="all")) == text
+
+
+def test_unknown_special_token_raises(trained):
+    with pytest.raises(TokenizerError, match="unknown special token"):
+        trained["gpt4"].encode("x", allowed_special={"<|im_start|>"})
+
+
+def test_register_special_tokens_validation():
+    tok = RegexTokenizer()
+    tok.register_special_tokens({"<|a|>": 300, "<|b|>": 301})
+    assert tok.encode("<|a|><|b|>", allowed_special="all") == [300, 301]
+    with pytest.raises(TokenizerError, match="already used"):
+        tok.register_special_tokens({"<|c|>": 65})  # 65 is the byte "A"
+    with pytest.raises(TokenizerError):
+        tok.register_special_tokens("<|d|>")
+
+
+# ------------------------------------------------------------------------------------------------
+# Save / load / interop
+# ------------------------------------------------------------------------------------------------
+
+def test_save_load_roundtrip(trained, tmp_path):
+    tok = trained["gpt4"]
+    path = tok.save(tmp_path / "tok.pkl")
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+    assert {"vocab", "inverse_vocab", "merges", "pattern", "special_tokens"} <= set(state)
+    for loaded in (load_tokenizer(path), RegexTokenizer.load(path), RegexTokenizer("gpt2").load(path), load_tokenizer(tmp_path)
+                   if (tmp_path / "tokenizer.pkl").exists() else load_tokenizer(path)):
+        assert isinstance(loaded, RegexTokenizer)
+        assert loaded.vocab == tok.vocab and loaded.merges == tok.merges and loaded.pattern == tok.pattern
+        assert loaded.special_tokens == tok.special_tokens and loaded.vocab_size == 1024
+        for text in HARD_TEXTS[:12]:
+            assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    basic = BasicTokenizer().train("aaabdaaabac", 259)
+    assert BasicTokenizer.load(basic.save(tmp_path / "basic.pkl")).merges == basic.merges
+    with pytest.raises(TokenizerError, match="holds a BasicTokenizer"):
+        RegexTokenizer.load(tmp_path / "basic.pkl")
+
+
+def test_readable_export(trained, tmp_path):
+    path = trained["gpt2"].export_readable(tmp_path / "tok.vocab")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 + 1024 and lines[-1].endswith("(special)")
+    assert lines[2 + 256].startswith("256\t") and "=" in lines[2 + 256]
+
+
+def test_ranks_roundtrip_and_tiktoken_file(trained, tmp_path):
+    tok = trained["gpt2"]
+    back = RegexTokenizer.from_ranks(tok.to_ranks(), tok.pattern, tok.special_tokens)
+    assert back.merges == tok.merges and back.vocab == tok.vocab
+    path = tok.save_ranks(tmp_path / "ours.tiktoken")
+    assert load_ranks(path) == tok.to_ranks()
+    from tiktoken.load import load_tiktoken_bpe
+    assert load_tiktoken_bpe(str(path)) == tok.to_ranks()  # tiktoken reads our file
+
+
+def test_from_ranks_arbitrary_table():
+    # A non-GPT-2 table: single bytes in a shuffled order, a few merges, a custom pattern.
+    order = list(range(256))
+    random.Random(0).shuffle(order)
+    ranks = {bytes([b]): r for r, b in enumerate(order)}
+    for tok in [b"ab", b"abc", b"  ", b"abcab"]:
+        ranks[tok] = len(ranks)
+    tok = RegexTokenizer.from_ranks(ranks, r"\S+|\s+", {"<s>": 1000})
+    theirs = tiktoken.Encoding("custom", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<s>": 1000})
+    for text in ["abcab abc  ab", "xabcabx", "<s>abc", "   "]:
+        assert tok.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
+    assert tok.merges[(ranks[b"ab"], ranks[b"c"])] == ranks[b"abc"]
+
+
+def test_gpt2_ranks_match_tiktoken_loader(gpt2_pair):
+    ours, theirs = gpt2_pair
+    assert ours.to_ranks() == theirs._mergeable_ranks
+
+
+def test_from_ranks_gpt2_recovers_vocab_bpe_merges(gpt2_pair):
+    ours, _ = gpt2_pair
+    rebuilt = RegexTokenizer.from_ranks(ours.to_ranks(), "gpt2", ours.special_tokens)
+    assert rebuilt.merges == ours.merges
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs get clear errors
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs(trained, tmp_path):
+    tok = trained["gpt4"]
+    with pytest.raises(TokenizerError, match="expects a str"):
+        tok.encode(b"bytes")
+    with pytest.raises(TokenizerError, match="expects a str"):
+        tok.encode(None)
+    with pytest.raises(TokenizerError, match="vocab_size"):
+        RegexTokenizer(special_tokens=[ENDOFTEXT]).train("some text", 257)
+    with pytest.raises(TokenizerError, match="iterable of str"):
+        RegexTokenizer().train(["ok", 3], 300)
+    with pytest.raises(TokenizerError, match="cannot decode token id"):
+        tok.decode([1, 99_999])
+    with pytest.raises(TokenizerError, match="split pattern"):
+        RegexTokenizer(pattern="(unclosed")
+    with pytest.raises(TokenizerError, match="single bytes"):
+        RegexTokenizer.from_ranks({b"a": 0}, "gpt2")
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"this is not a pickle")
+    with pytest.raises(CourseError, match="corrupt"):
+        load_tokenizer(bad)
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Path("x")))  # would need find_class: refused, never executed
+    with pytest.raises(CourseError, match="corrupt"):
+        load_tokenizer(evil)
+    other = tmp_path / "other.pkl"
+    other.write_bytes(pickle.dumps({"vocab": {}}))
+    with pytest.raises(CourseError, match="not a course tokenizer"):
+        load_tokenizer(other)
+    tok = RegexTokenizer().train("hello hello world", 260)
+    state = tok.state_dict()
+    state["inverse_vocab"] = {}
+    damaged = tmp_path / "damaged.pkl"
+    damaged.write_bytes(pickle.dumps(state))
+    with pytest.raises(CourseError, match="damaged"):
+        load_tokenizer(damaged)
+    with pytest.raises(CourseError, match="train_tokenizer.py"):
+        load_tokenizer(tmp_path / "missing.pkl")
+    with pytest.raises(CourseError, match="download_data.py"):
+        load_gpt2(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+    (tmp_path / "encoder.json").write_text("{not json")
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    with pytest.raises(CourseError, match="corrupt"):
+        load_gpt2(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_decode_replacement_and_bytes(gpt2_pair):
+    ours, _ = gpt2_pair
+    ids = ours.encode("é")  # one token holding two bytes? check via bytes
+    raw = ours.decode_bytes(ids)
+    assert raw == "é".encode()
+    byte_ids = [ours.inverse_vocab[bytes([b])] for b in "中".encode()]
+    assert ours.decode(byte_ids[:2]) == "\ufffd"  # cut UTF-8 -> replacement character
+    assert ours.decode_bytes(byte_ids[:2]) == "中".encode()[:2]
+
+
+def test_encode_batch_workers(trained):
+    tok = trained["gpt4"]
+    batch = HARD_TEXTS * 3
+    expected = [tok.encode(t, allowed_special="all") for t in batch]
+    assert tok.encode_batch(batch, allowed_special="all") == expected
+    assert tok.encode_batch(batch, num_workers=2, allowed_special="all") == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and scripts
+# ------------------------------------------------------------------------------------------------
+
+def test_config_presets_and_validation():
+    for preset in TokenizerConfig.PRESETS:
+        cfg = TokenizerConfig.from_preset(preset).validate_config()
+        assert cfg.vocab_size == 10_000 and cfg.special_token_list() == [ENDOFTEXT]
+    with pytest.raises(ConfigError, match="vocab_size"):
+        TokenizerConfig(vocab_size=257).validate_config()
+    with pytest.raises(ConfigError, match="pattern"):
+        TokenizerConfig(pattern="gpt5").validate_config()
+    with pytest.raises(ConfigError, match="special_tokens"):
+        TokenizerConfig(special_tokens="<|a|>,<|a|>").validate_config()
+
+
+def test_train_script_end_to_end(tmp_path):
+    """The training script on a tiny corpus: checkpoint, readable export, plots, summary line."""
+    import gzip
+    books = tmp_path / "gutenberg"
+    books.mkdir()
+    body = (_wiki("valid") or _fallback_corpus())[:200_000]
+    for k in range(4):
+        text = f"header\r\n*** START OF THE PROJECT GUTENBERG EBOOK {k} ***\r\n{body[k::4]}\r\n*** END OF IT ***\r\nfooter"
+        (books / f"book{k}.txt.gz").write_bytes(gzip.compress(text.encode()))
+    from phase1_foundation.project2_tokenizer import train_tokenizer
+    out = tmp_path / "out"
+    summary = train_tokenizer.main(["--vocab_size=400", f"--data_dir={books}", f"--out_dir={out}",
+                                    "--heldout_every=4", "--num_workers=1", "--plot_sizes=300,400"])
+    tok = load_tokenizer(out / "tokenizer.pkl")
+    assert tok.vocab_size == 400 and tok.eot_token == 399
+    for name in ["tokenizer.vocab", "tokenizer.tiktoken", "token_lengths.png", "compression_vs_vocab.png"]:
+        assert (out / name).is_file(), name
+    assert summary["bytes_per_token"] > 1.2
+
+
+def test_scripts_help_and_offline_message(tmp_path):
+    for script in ["train_tokenizer.py", "download_data.py", "benchmark.py"]:
+        r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and "usage" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(HERE / "download_data.py"), "--dataset", "gpt2_bpe",
+                        "--source", str(tmp_path), "--data_dir", str(tmp_path / "d")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Interactive mode: see how text becomes tokens
+# ------------------------------------------------------------------------------------------------
+
+def show_tokens(tok, text: str) -> str:
+    """Token boundaries (alternating colors), ids, and the compression of one text."""
+    ids = tok.encode(text, allowed_special="all")
+    colors = ["\033[48;5;153m", "\033[48;5;223m", "\033[48;5;194m", "\033[48;5;217m"]
+    pieces = []
+    for k, i in enumerate(ids):
+        s = tok.decode_bytes([i]).decode("utf-8", errors="replace").replace("\n", "\\n").replace("\t", "\\t")
+        pieces.append(f"{colors[k % len(colors)]}\033[30m{s}\033[0m")
+    n_bytes = len(text.encode("utf-8"))
+    ratio = n_bytes / max(len(ids), 1)
+    return (f"{''.join(pieces)}\nids: {ids}\n{len(ids)} tokens, {n_bytes} bytes, "
+            f"{ratio:.2f} bytes/token, compression {ratio:.2f}x vs raw bytes")
+
+
+def interactive(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Type text, see its tokens (boundaries, ids, compression).")
+    p.add_argument("--interactive", action="store_true")
+    p.add_argument("--tokenizer", default="checkpoints/project2/tokenizer.pkl",
+                   help="a saved tokenizer .pkl, or 'gpt2' for GPT-2's (from data/gpt2_bpe/)")
+    args = p.parse_args(argv)
+    if args.tokenizer == "gpt2":
+        tok = load_gpt2(ROOT / "data/gpt2_bpe/encoder.json", ROOT / "data/gpt2_bpe/vocab.bpe")
+    else:
+        tok = load_tokenizer(args.tokenizer)
+    print(f"{tok}\nType text (empty line or Ctrl-D to quit).")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line:
+            break
+        print(show_tokens(tok, line.replace("\\n", "\n")))
+
+
+if __name__ == "__main__":
+    if "--interactive" in sys.argv:
+        from course.errors import run_cli
+        run_cli(interactive)
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
