@@ -391,7 +391,7 @@ def test_interrupted_save_leaves_no_partial_checkpoint(text_file, tmp_path, caps
     ("beta1", 1.0, "beta1 (1.0) must be in [0.0, 1.0)"),
     ("beta2", -0.5, "beta2 (-0.5) must be in [0.0, 1.0)"),
     ("grad_clip", -1.0, "grad_clip (-1.0) must be >= 0 (0 disables clipping)"),
-    ("time_budget_s", 0.0, "time_budget_s (0.0) must be > 0"),
+    ("time_budget_s", -1.0, "time_budget_s (-1.0) must be >= 0 (0 = no limit)"),
     ("eval_interval", 0, "eval_interval (0) must be > 0"),
     ("eval_iters", 0, "eval_iters (0) must be > 0"),
     ("log_interval", 0, "log_interval (0) must be > 0"),

@@ -218,7 +218,7 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
           f"vocab {len(chars)} | train {len(train_data):,} chars, val {len(val_data):,} chars | "
           f"{tokens_per_iter:,} tokens/iter" + (f" | resuming from iter {it}" if resume else ""))
 
-    budget = cfg.time_budget_s
+    budget = cfg.time_budget_s or None  # 0 = no limit
     horizon = cfg.lr_decay_iters or cfg.max_iters
     last_losses = {"train": float("nan"), "val": float("nan")}
     step_time, steps_done = 0.0, 0
