@@ -105,7 +105,7 @@ class TrainConfig(BaseConfig):
     peak_flops: float = 0.0        # device peak FLOP/s for MFU; 0 = look up (GPU) or measure (CPU)
 
     PRESETS: ClassVar[dict] = {
-        "cpu": dict(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=100, eval_iters=20,
+        "cpu": dict(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_iters=100, eval_interval=100, eval_iters=10,
                     time_budget_s=1800.0, out_dir="checkpoints/project3/cpu"),
         "gpu": dict(batch_size=32, grad_accum=4, lr=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=500,
                     eval_iters=50, max_iters=20_000, dtype="auto", compile=True, out_dir="checkpoints/project3/gpu"),

@@ -240,5 +240,54 @@ def import_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Ll
     return model.eval()
 
 
+def main() -> None:
+    """CLI: export a train.py checkpoint to an HF folder and check transformers continues text as we do."""
+    import argparse
+    p = argparse.ArgumentParser(description="Export a project-3 checkpoint to the Hugging Face layout and check that "
+                                "transformers' LlamaForCausalLM gives the same logits and greedy continuation.")
+    p.add_argument("--ckpt", default="checkpoints/project3/cpu/ckpt.pt", help="train.py checkpoint")
+    p.add_argument("--out_dir", default="checkpoints/project3/hf", help="folder to write")
+    p.add_argument("--tokenizer", default=None, help="tokenizer .pkl to copy in (default: the training one)")
+    p.add_argument("--prompt", default="It was a dark and stormy night", help="prompt for the greedy check")
+    p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--no_check", action="store_true", help="export only (no transformers needed)")
+    p.add_argument("--seed", type=int, default=0, help="unused: export and greedy decoding are deterministic")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    from phase1_foundation.project3_pretrain.generate import generate_ids, load_matching_tokenizer
+    from phase1_foundation.project3_pretrain.train import load_model_from_checkpoint
+    model, state = load_model_from_checkpoint(args.ckpt)
+    if state.get("arch", "llama") != "llama":
+        raise CourseError(f"{args.ckpt} is a '{state['arch']}' checkpoint; only the LLaMA architecture exports")
+    tok_path = Path(args.tokenizer or state.get("data_meta", {}).get("tokenizer", "checkpoints/project2/tokenizer.pkl"))
+    tok = load_matching_tokenizer(tok_path, model)
+    out = export_hf(model, args.out_dir, tok_path)
+    print(f"exported {model.num_params():,} parameters to {out}/ (config.json, model.safetensors, tokenizer.pkl)")
+    if args.no_check:
+        return
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        raise CourseError("the check needs transformers (uv sync --group dev); or pass --no_check") from None
+    ref = LlamaForCausalLM.from_pretrained(out).eval()
+    idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
+    with torch.no_grad():
+        diff = (ref(idx).logits - model(idx)[0]).abs().max().item()
+    theirs = ref.generate(idx, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.eot_token,
+                          eos_token_id=None)
+    ours = generate_ids(model, idx, args.max_new_tokens, temperature=0.0)
+    same = theirs.tolist() == ours.tolist()
+    print(f"ours:         {tok.decode(ours[0].tolist())!r}")
+    print(f"transformers: {tok.decode(theirs[0].tolist())!r}")
+    print(f"done: max_logit_diff={diff:.2e} greedy_identical={same} new_tokens={args.max_new_tokens}")
+    if not same:
+        raise CourseError("transformers' greedy continuation differs from ours")
+
+
 __all__ = ["export_hf", "import_hf", "llama_config_from_hf", "hf_config_from_llama", "permute_rope",
            "unpermute_rope"]
+
+
+if __name__ == "__main__":
+    from course.errors import run_cli
+    run_cli(main)

@@ -9,7 +9,7 @@ the `<|endoftext|>` token so the model learns where a text ends.
 Held-out validation set: whole books (project 2's held-out books: every 25th in name order), never windows of
 training books, so validation measures generalisation to unseen text, not memorisation of neighbouring pages.
 
-Output in --out_dir: train.bin, val.bin (flat uint16 token ids; a 10K vocabulary fits in 2 bytes, half of
+Output in --out_dir: tokenizer.pkl (a copy), train.bin, val.bin (flat uint16 token ids; a 10K vocabulary fits in 2 bytes, half of
 int32's disk and page cache) and meta.json (vocab size, tokenizer, the held-out books, and per split the
 token count and the UTF-8 byte count of the text, so train.py's bits per byte are exact).
 """
@@ -57,7 +57,11 @@ def prepare(data_dir: str | Path, out_dir: str | Path, tokenizer_path: str | Pat
     if len(names) < 2:
         raise CourseError(f"need at least 2 books in {data_dir} to hold one out for validation, found {len(names)}")
     out_dir = Path(out_dir)
-    meta = {"vocab_size": n_vocab, "eot_token": eot, "dtype": "uint16", "tokenizer": str(tok_path),
+    # A copy of the tokenizer lives with the shards: re-training project 2's tokenizer later cannot silently
+    # change what the ids of these shards (and of the models trained on them) mean.
+    atomic_write(out_dir / "tokenizer.pkl", lambda f: f.write(tok_path.read_bytes()))
+    meta = {"vocab_size": n_vocab, "eot_token": eot, "dtype": "uint16", "tokenizer": str(out_dir / "tokenizer.pkl"),
+            "tokenizer_source": str(tok_path),
             "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(), "heldout_every": heldout_every,
             "splits": {}}
     for split, theirs in (("train", "train"), ("val", "heldout")):

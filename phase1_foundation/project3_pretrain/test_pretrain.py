@@ -190,6 +190,7 @@ def corpus(tmp_path_factory):
 def test_prepare_data_shards_round_trip_and_byte_counts(corpus):
     root, books, tok, meta = corpus
     assert meta["splits"]["val"]["documents"] == ["author__book-0.txt.gz"]  # whole book 0 held out
+    assert (root / "shards" / "tokenizer.pkl").read_bytes() == (root / "tok.pkl").read_bytes()
     val = np.fromfile(root / "shards" / "val.bin", dtype=np.uint16)
     train = np.fromfile(root / "shards" / "train.bin", dtype=np.uint16)
     assert val[-1] == tok.eot_token and (train == tok.eot_token).sum() == 2
