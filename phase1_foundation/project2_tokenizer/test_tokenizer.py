@@ -296,6 +296,32 @@ def test_basic_roundtrip_property(text):
     assert tok.decode(tok.encode(text)) == text
 
 
+LONG_TEXTS = ["7" * 5000, " " * 4000 + "x", "ab" * 2000, "the" * 1500, "\n" * 3000, "é" * 1000 + "中" * 500]
+
+
+def test_long_chunks_parity(gpt2_pair, trained):
+    """Chunks over 128 bytes take the O(n log n) heap path; it must give the same ids."""
+    pairs = [gpt2_pair] + [(t, _as_tiktoken(t)) for t in trained.values()]
+    for ours, theirs in pairs:
+        for text in LONG_TEXTS:
+            assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_long_chunk_encoder_equals_scan(trained, seed):
+    from phase1_foundation.project2_tokenizer import tokenizer as T
+    rng = random.Random(seed)
+    ranks = trained["gpt2"].to_ranks()
+    words = [t for t in ranks if 1 <= len(t) <= 4]
+    chunk = b"".join(rng.choice(words) for _ in range(rng.randint(2, 200)))
+    scan, T._LONG_CHUNK = T._LONG_CHUNK, 10**9
+    try:
+        expected = T.bpe_encode_chunk(chunk, ranks)
+    finally:
+        T._LONG_CHUNK = scan
+    assert T._bpe_encode_long(chunk, ranks) == expected
+
+
 # ------------------------------------------------------------------------------------------------
 # Special tokens (tiktoken's contract)
 # ------------------------------------------------------------------------------------------------
@@ -520,7 +546,8 @@ def show_tokens(tok, text: str) -> str:
     colors = ["\033[48;5;153m", "\033[48;5;223m", "\033[48;5;194m", "\033[48;5;217m"]
     pieces = []
     for k, i in enumerate(ids):
-        s = tok.decode_bytes([i]).decode("utf-8", errors="replace").replace("\n", "\\n").replace("\t", "\\t")
+        # A token that holds part of a multi-byte character shows its bytes: \xf0
+        s = tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace").replace("\n", "\\n").replace("\t", "\\t")
         pieces.append(f"{colors[k % len(colors)]}\033[30m{s}\033[0m")
     n_bytes = len(text.encode("utf-8"))
     ratio = n_bytes / max(len(ids), 1)

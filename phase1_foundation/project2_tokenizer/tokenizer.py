@@ -39,7 +39,6 @@ from typing import AbstractSet, Collection, Iterable, Literal
 import regex
 from tqdm import tqdm
 
-from course.checkpoint import atomic_write, atomic_write_text
 from course.errors import CourseError
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +249,8 @@ def bpe_encode_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
     token = ranks.get(chunk)
     if token is not None:
         return [token]
+    if len(chunk) > _LONG_CHUNK:
+        return _bpe_encode_long(chunk, ranks)
     parts = [chunk[i:i + 1] for i in range(len(chunk))]
     get = ranks.get
     pr = [get(parts[i] + parts[i + 1], _NO_RANK) for i in range(len(parts) - 1)]
@@ -266,6 +267,50 @@ def bpe_encode_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
         if i < len(pr):
             pr[i] = get(parts[i] + parts[i + 1], _NO_RANK)
     return [ranks[p] for p in parts]
+
+
+_LONG_CHUNK = 128
+
+
+def _bpe_encode_long(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
+    """The same merges as bpe_encode_chunk in O(n log n), for long chunks (a 100 KB digit run).
+
+    The scan above is O(n) per merge, so O(n^2) per chunk. Here the parts form a linked list and
+    the candidate pairs sit in a heap keyed (rank, start position): the smallest key is the lowest
+    rank and, on ties, the leftmost pair - the same choice as the scan. Entries carry the versions
+    of both parts; an entry whose parts changed since it was pushed is stale and skipped.
+    """
+    n = len(chunk)
+    parts: list[bytes | None] = [chunk[i:i + 1] for i in range(n)]
+    nxt = list(range(1, n + 1))  # n = end of list
+    prv = list(range(-1, n - 1))
+    ver = [0] * n
+    get = ranks.get
+    heap = [(r, i, i + 1, 0, 0) for i in range(n - 1) if (r := get(parts[i] + parts[i + 1])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i, j, vi, vj = heapq.heappop(heap)
+        if ver[i] != vi or ver[j] != vj or nxt[i] != j or parts[i] is None or parts[j] is None:
+            continue  # stale
+        parts[i] += parts[j]
+        parts[j] = None
+        ver[i] += 1
+        k = nxt[i] = nxt[j]
+        if k < n:
+            prv[k] = i
+            r = get(parts[i] + parts[k])
+            if r is not None:
+                heapq.heappush(heap, (r, i, k, ver[i], ver[k]))
+        p = prv[i]
+        if p >= 0:
+            r = get(parts[p] + parts[i])
+            if r is not None:
+                heapq.heappush(heap, (r, p, i, ver[p], ver[i]))
+    out, i = [], 0
+    while i < n:
+        out.append(ranks[parts[i]])
+        i = nxt[i]
+    return out
 
 
 class _ChunkCache(dict):
@@ -545,6 +590,7 @@ class BasicTokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer as a .pkl (atomically: never a half-written file)."""
+        from course.checkpoint import atomic_write  # lazy: keeps `import tokenizer` free of torch
         state = self.state_dict()
         return atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -564,6 +610,8 @@ class BasicTokenizer:
 
     def export_readable(self, path: str | os.PathLike) -> Path:
         """A human-readable vocabulary: one line per token, with the merge that made it."""
+        from course.checkpoint import atomic_write_text
+
         def show(b: bytes) -> str:
             return json.dumps(b.decode("utf-8", errors="backslashreplace"), ensure_ascii=False)
         parents = {new: pair for pair, new in self.merges.items()}
@@ -586,6 +634,7 @@ class BasicTokenizer:
 
     def save_ranks(self, path: str | os.PathLike) -> Path:
         """Write the ranks in tiktoken's .tiktoken format: `base64(token) rank` per line."""
+        from course.checkpoint import atomic_write_text
         lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(self.inverse_vocab.items(), key=lambda kv: kv[1])]
         return atomic_write_text(path, "\n".join(lines) + "\n")
 
