@@ -45,6 +45,7 @@ GREEDY = SamplingParams(temperature=0.0)  # what every generate function does wh
 @dataclass
 class GenStats:
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose K/V were already in the cache (not prefilled again)
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -111,7 +112,7 @@ class Engine:
         self.cache.crop(keep)
         self.tokens = self.tokens[:keep]
         self.history[0, :len(prompt)] = torch.tensor(prompt, device=self.device)
-        stats = self.stats = GenStats(prompt_tokens=len(prompt))
+        stats = self.stats = GenStats(prompt_tokens=len(prompt), reused_tokens=keep)
 
         t0 = time.perf_counter()
         logits = self._forward(prompt[keep:], keep)

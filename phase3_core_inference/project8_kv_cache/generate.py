@@ -67,7 +67,8 @@ def stream(engine: Engine, tokenizer, prompt_ids: list[int], cfg: GenerateConfig
 
 def summary(engine: Engine) -> str:
     s = engine.stats
-    return (f"[{s.prompt_tokens} prompt tokens prefilled in {s.prefill_s * 1000:.0f} ms; {s.new_tokens} new tokens, "
+    return (f"[{s.prompt_tokens - s.reused_tokens} prompt tokens prefilled in {s.prefill_s * 1000:.0f} ms "
+            f"({s.reused_tokens} reused from the cache); {s.new_tokens} new tokens, "
             f"decode {s.decode_tok_s:.1f} tok/s; cache {engine.cache.used_bytes / 2**20:.2f} of "
             f"{engine.cache.nbytes / 2**20:.2f} MiB]")
 

@@ -227,7 +227,7 @@ def main() -> None:
     for name, (L, H, KV, D, T) in shapes.items():
         per_tok = kv_cache_bytes(L, KV, D, 1, torch.float16)
         print(f"{name:<16}{f'{KV}/{H}':>11}{per_tok / 1024:>12.1f} KiB{kv_cache_bytes(L, KV, D, T, torch.float16) / 2**20:>10.1f} MiB"
-              f"{kv_cache_bytes(L, H, D, T, torch.float16) / 2**20:>8.0f} MiB")
+              f"{kv_cache_bytes(L, H, D, T, torch.float16) / 2**20:>8.1f} MiB")
     print(json.dumps({"formula": "2 x layers x kv_heads x head_dim x tokens x bytes/element"}))
 
 
