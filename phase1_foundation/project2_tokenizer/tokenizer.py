@@ -244,7 +244,9 @@ def bpe_encode_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
 
     IMPLEMENTATION: parts are the current token bytes, pr[i] the rank of parts[i] + parts[i+1].
     After a merge at i only pr[i-1] and pr[i] change, so each step is one C-level min() + index()
-    over a short list; chunks are words, so this is fast, and a cache makes repeats free.
+    over a short list; chunks are words, so this is fast, and a cache makes repeats free. That is
+    O(n^2) for an n-byte chunk, so chunks over 128 bytes (long digit or space runs, or a whole text
+    in BasicTokenizer) take the O(n log n) heap version below, which makes the same choices.
     """
     token = ranks.get(chunk)
     if token is not None:
@@ -431,8 +433,9 @@ class BasicTokenizer:
     """Byte-level BPE with no pre-tokenization: the whole text is one sequence of bytes.
 
     This is the algorithm in its plainest form. Merges can cross word boundaries ("e t" in
-    "the time"), which wastes vocabulary; RegexTokenizer below fixes that. Training and encoding a
-    single long sequence are O(length x merges), so use it on small texts only.
+    "the time"), which wastes vocabulary; RegexTokenizer below fixes that. Training on one long
+    sequence is the naive O(length x merges) (every merge rewrites the whole sequence: there are no
+    repeated chunks to share work), so train it on small texts only.
 
     State (what save() writes):
       vocab          {id: token bytes} for the mergeable tokens (ids 0..255 are the raw bytes)
@@ -694,6 +697,8 @@ class RegexTokenizer(BasicTokenizer):
         disallowed_special: special tokens whose presence raises ("all" = every one not allowed;
         () = none, so they are encoded as ordinary text). Same defaults as tiktoken."""
         _check_text(text)
+        # "none" is the same as the empty set (minbpe's spelling); a special token then still raises
+        # unless disallowed_special=() says to treat it as ordinary text.
         if allowed_special == "all":
             allowed = set(self.special_tokens)
         elif allowed_special == "none" or not allowed_special:
