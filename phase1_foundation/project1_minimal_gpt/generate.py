@@ -22,7 +22,7 @@ from course.device import get_device
 from course.errors import CourseError, run_cli
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT
-from phase1_foundation.project1_minimal_gpt.sampling import sample_next_token
+from phase1_foundation.project1_minimal_gpt.sampling import sample_next_token, top_k_filter, top_p_filter
 from phase1_foundation.project1_minimal_gpt.train import DEFAULT_OUT_DIR, TRAIN_CMD, decode, encode
 
 
@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_new_tokens < 0:
         raise CourseError(f"--max_new_tokens ({args.max_new_tokens}) must be >= 0")
     # Check the sampling settings before loading anything (one clear line on a bad value).
-    sample_next_token(torch.zeros(1, 2), args.temperature, args.top_k, args.top_p)
+    if args.temperature < 0:
+        raise CourseError(f"--temperature ({args.temperature}) must be >= 0 (0 = greedy)")
+    if args.top_k is not None:
+        top_k_filter(torch.zeros(1, 2), args.top_k)
+    if args.top_p is not None:
+        top_p_filter(torch.zeros(1, 2), args.top_p)
 
     model, chars = load_model(args.checkpoint, get_device(args.device))
     if not args.interactive:

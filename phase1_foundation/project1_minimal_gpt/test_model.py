@@ -73,9 +73,11 @@ def cli_error(fn, capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         run_cli(fn)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]  # \r: tqdm bars redraw in place
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err
+    assert sum(line.startswith("error") for line in lines) == 1, err
+    return lines[-1]
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -440,6 +442,26 @@ def test_generate_unknown_prompt_chars(text_file, tmp_path, capsys):
     msg = cli_error(lambda: generate.main([f"--checkpoint={tmp_path / 'run' / 'ckpt.pt'}", "--prompt", "kingZ@",
                                            "--device=cpu"]), capsys)
     assert "the prompt contains characters not in the model's vocabulary: '@', 'Z'" in msg
+
+
+def test_generate_bad_sampling_flags(capsys):
+    msg = cli_error(lambda: generate.main(["--top_k=0"]), capsys)
+    assert msg == "error: top_k (0) must be a positive integer"
+    msg = cli_error(lambda: generate.main(["--top_p=2"]), capsys)
+    assert msg == "error: top_p (2.0) must be in (0, 1]"
+    msg = cli_error(lambda: generate.main(["--temperature=-1"]), capsys)
+    assert "--temperature (-1.0) must be >= 0" in msg
+
+
+def test_generate_interactive_loop(text_file, tmp_path, capsys):
+    run_train(text_file, tmp_path / "run", "--max_iters=2", "--eval_interval=2")
+    capsys.readouterr()
+    with mock.patch("builtins.input", side_effect=["king", "Zed", "the", ""]):
+        generate.main([f"--checkpoint={tmp_path / 'run' / 'ckpt.pt'}", "--interactive", "--max_new_tokens=5",
+                       "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "error: the prompt contains characters not in the model's vocabulary: 'Z'" in out  # and it goes on
+    assert out.index("king") < out.index("error:") < out.rindex("the")
 
 
 def test_generate_missing_checkpoint(tmp_path, capsys):
