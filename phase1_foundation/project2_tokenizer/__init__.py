@@ -1,0 +1,1 @@
+"""Project 2: a byte-level BPE tokenizer from scratch (train, encode, decode, tiktoken parity)."""

@@ -366,8 +366,9 @@ def test_save_load_roundtrip(trained, tmp_path):
     with open(path, "rb") as f:
         state = pickle.load(f)
     assert {"vocab", "inverse_vocab", "merges", "pattern", "special_tokens"} <= set(state)
-    for loaded in (load_tokenizer(path), RegexTokenizer.load(path), RegexTokenizer("gpt2").load(path), load_tokenizer(tmp_path)
-                   if (tmp_path / "tokenizer.pkl").exists() else load_tokenizer(path)):
+    tok.save(tmp_path / "tokenizer.pkl")
+    # load_tokenizer(file or folder), the classmethod, and minbpe-style in-place tok.load(path)
+    for loaded in (load_tokenizer(path), load_tokenizer(tmp_path), RegexTokenizer.load(path), RegexTokenizer("gpt2").load(path)):
         assert isinstance(loaded, RegexTokenizer)
         assert loaded.vocab == tok.vocab and loaded.merges == tok.merges and loaded.pattern == tok.pattern
         assert loaded.special_tokens == tok.special_tokens and loaded.vocab_size == 1024
@@ -489,6 +490,25 @@ def test_encode_batch_workers(trained):
     expected = [tok.encode(t, allowed_special="all") for t in batch]
     assert tok.encode_batch(batch, allowed_special="all") == expected
     assert tok.encode_batch(batch, num_workers=2, allowed_special="all") == expected
+
+
+@pytest.mark.slow
+def test_course_tokenizer_parity_on_real_text():
+    """The trained course tokenizer (checkpoints/project2) vs tiktoken on held-out books and WikiText-2."""
+    ckpt = ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
+    if not ckpt.is_file():
+        pytest.skip("no checkpoints/project2/tokenizer.pkl; run train_tokenizer.py first")
+    from phase1_foundation.project2_tokenizer.data import read_gutenberg
+    tok = load_tokenizer(ckpt)
+    assert tok.vocab_size == 10_000 and tok.eot_token == 9_999
+    texts = [t for t in [_wiki("test"), _wiki("valid")] if t]
+    if (ROOT / "data" / "gutenberg").is_dir():
+        texts += read_gutenberg(ROOT / "data" / "gutenberg", "heldout")
+    if not texts:
+        pytest.skip("no held-out text in data/")
+    theirs = _as_tiktoken(tok)
+    for text in texts:
+        assert tok.encode_ordinary(text) == theirs.encode_ordinary(text)
 
 
 # ------------------------------------------------------------------------------------------------
