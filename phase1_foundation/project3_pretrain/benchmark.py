@@ -75,26 +75,34 @@ def bench_train(arch: str, cfg: LlamaConfig, device: torch.device, batch_size: i
     return out
 
 
-def compare(out_png: Path) -> None:
+def compare(out_png: Path, peak: float | None) -> list[dict]:
+    """The LLaMA-vs-GPT plot (val bits per byte against wall-clock minutes) and table, from the runs' logs."""
     curves, rows = {}, []
     for name, folder in RUNS.items():
         recs = read_log(Path(folder) / "log.jsonl")
         ev = [r for r in recs if r["kind"] == "eval"]
         tr = [r for r in recs if r["kind"] == "train"]
         curves[name] = ([r["elapsed_s"] / 60 for r in ev], [r["val_bpb"] for r in ev])
-        last = ev[-1]
         ckpt = torch.load(Path(folder) / "ckpt.pt", map_location="cpu", weights_only=False)
-        n = sum(t.numel() for k, t in ckpt["model_state_dict"].items() if k != "lm_head.weight"
-                or not ckpt["model_config"]["tie_embeddings"])
-        rows.append((name, n, last["iter"], last["tokens"], last["elapsed_s"] / 60, last["val_loss"], last["val_bpb"],
-                     tr[-1]["tokens_per_s"] if tr else float("nan")))
+        cfg = LlamaConfig.from_dict(ckpt["model_config"])
+        with torch.device("meta"):
+            model = build_model(ckpt["arch"], cfg)
+        head_dim = cfg.hd if ckpt["arch"] == "llama" else cfg.n_embd // cfg.n_head
+        fpt = flops_per_token(model, cfg.n_layer, cfg.n_head, head_dim, cfg.block_size)
+        tok_s = tr[-1]["tokens_per_s"] if tr else float("nan")
+        last = ev[-1]
+        rows.append({"name": name, "params": count_params(model), "iters": last["iter"], "tokens": last["tokens"],
+                     "minutes": last["elapsed_s"] / 60, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
+                     "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak if peak else float("nan")})
     plot_curves(out_png, curves, title="Same data, tokenizer, budget and 2 CPU threads",
                 xlabel="wall-clock minutes", ylabel="validation bits per byte (held-out books)")
-    print("| model | params | iters | tokens | minutes | val loss | val bpb | train tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | params | iters | tokens | minutes | val loss | val bpb | train tokens/s | MFU |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:,} | {r[2]:,} | {r[3]:,} | {r[4]:.1f} | {r[5]:.4f} | {r[6]:.4f} | {r[7]:,.0f} |")
+        print(f"| {r['name']} | {r['params']:,} | {r['iters']:,} | {r['tokens']:,} | {r['minutes']:.1f} | "
+              f"{r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% |")
     print(f"plot: {out_png}")
+    return rows
 
 
 def main() -> None:
@@ -136,7 +144,8 @@ def main() -> None:
                   (f" mem {r['max_memory_gb']:.1f} GB" if "max_memory_gb" in r else ""))
     if args.what in ("compare", "all"):
         try:
-            compare(Path("checkpoints/project3/compare_bpb.png"))
+            results["compare"] = compare(Path("checkpoints/project3/compare_bpb.png"),
+                                         results.get("measured_matmul_flops"))
         except CourseError as e:
             if args.what == "compare":
                 raise

@@ -52,7 +52,11 @@ def load_any(ckpt: str | None, hf_dir: str | None, device: torch.device) -> tupl
         return import_hf(hf_dir).to(device), (tok if tok.is_file() else None)
     model, state = load_model_from_checkpoint(ckpt or DEFAULT_CKPT, device)
     tok = state.get("data_meta", {}).get("tokenizer")
-    return model, (Path(tok) if tok else None)
+    # the copy prepare_data.py keeps next to the shards; a relative path is relative to the repo root
+    for cand in ([Path(tok), REPO_ROOT / tok] if tok else []) + [REPO_ROOT / "data" / "project3" / "tokenizer.pkl"]:
+        if cand.is_file():
+            return model, cand
+    return model, None
 
 
 def load_matching_tokenizer(path: Path, model: torch.nn.Module):

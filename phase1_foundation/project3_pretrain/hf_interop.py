@@ -254,12 +254,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="unused: export and greedy decoding are deterministic")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    from phase1_foundation.project3_pretrain.generate import generate_ids, load_matching_tokenizer
-    from phase1_foundation.project3_pretrain.train import load_model_from_checkpoint
-    model, state = load_model_from_checkpoint(args.ckpt)
-    if state.get("arch", "llama") != "llama":
-        raise CourseError(f"{args.ckpt} is a '{state['arch']}' checkpoint; only the LLaMA architecture exports")
-    tok_path = Path(args.tokenizer or state.get("data_meta", {}).get("tokenizer", "checkpoints/project2/tokenizer.pkl"))
+    from phase1_foundation.project3_pretrain.generate import (DEFAULT_TOKENIZER, generate_ids, load_any,
+                                                              load_matching_tokenizer)
+    model, stored_tok = load_any(args.ckpt, None, torch.device("cpu"))
+    if not isinstance(model, Llama):
+        raise CourseError(f"{args.ckpt} holds a {type(model).__name__}; only the LLaMA architecture exports to HF")
+    tok_path = Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER)
     tok = load_matching_tokenizer(tok_path, model)
     out = export_hf(model, args.out_dir, tok_path)
     print(f"exported {model.num_params():,} parameters to {out}/ (config.json, model.safetensors, tokenizer.pkl)")

@@ -35,6 +35,14 @@ TOKENIZER_PATH = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
 DOWNLOAD_CMD = "uv run python phase1_foundation/project3_pretrain/download_data.py"
 
 
+def _rel(path: Path) -> str:
+    """Paths inside the repo are stored relative to its root, so a checkout elsewhere still finds them."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def prepare(data_dir: str | Path, out_dir: str | Path, tokenizer_path: str | Path = TOKENIZER_PATH,
             heldout_every: int = 25, progress: bool = True) -> dict:
     """Tokenize the books of data_dir into out_dir/{train,val}.bin + meta.json; return the meta dict.
@@ -60,8 +68,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, tokenizer_path: str | Pat
     # A copy of the tokenizer lives with the shards: re-training project 2's tokenizer later cannot silently
     # change what the ids of these shards (and of the models trained on them) mean.
     atomic_write(out_dir / "tokenizer.pkl", lambda f: f.write(tok_path.read_bytes()))
-    meta = {"vocab_size": n_vocab, "eot_token": eot, "dtype": "uint16", "tokenizer": str(out_dir / "tokenizer.pkl"),
-            "tokenizer_source": str(tok_path),
+    meta = {"vocab_size": n_vocab, "eot_token": eot, "dtype": "uint16", "tokenizer": _rel(out_dir / "tokenizer.pkl"),
+            "tokenizer_source": _rel(tok_path),
             "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(), "heldout_every": heldout_every,
             "splits": {}}
     for split, theirs in (("train", "train"), ("val", "heldout")):

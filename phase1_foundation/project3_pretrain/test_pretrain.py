@@ -302,6 +302,27 @@ def test_gpu_preset_one_optimizer_step_on_cpu():
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 1.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_compiled_step_and_cached_decode():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**TINY, "block_size": 64})).cuda()
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cuda")
+    fwd = torch.compile(model)
+    idx = torch.randint(0, 97, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = fwd(idx, idx)[1]
+    loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(idx[:, :12])[0]
+        cache = _ListCache(2)
+        parts = [model(idx[:, :8], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache, start_pos=t)[0]
+                                                           for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1).float(), full.float(), rtol=3e-2, atol=3e-2)
+
+
 # ---- Hugging Face interop --------------------------------------------------------------------------
 transformers = pytest.importorskip("transformers", reason="transformers (dev dependency) is needed for HF tests")
 
@@ -348,6 +369,15 @@ def test_export_hf_loads_in_transformers_with_same_logits(tmp_path, tie, n_kv):
     again = import_hf(tmp_path)  # and the round trip is exact
     for (n, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_import_hf_reads_sharded_checkpoints(tmp_path):
+    ref = hf_tiny(False)
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    idx = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(import_hf(tmp_path)(idx)[0], ref(idx).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_hf_greedy_generation_matches_ours(tmp_path):
