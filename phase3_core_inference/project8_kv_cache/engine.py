@@ -17,6 +17,8 @@ IMPLEMENTATION
 - One KVCache preallocated for the whole context (no growing, no reallocation per token).
 - `self.tokens` records exactly which tokens have their keys/values in the cache, so a chat turn only
   prefills what is new: the longest common prefix with the new prompt is kept (`crop`), the rest prefilled.
+- On CPU in fp32 the model's Linear layers run oneDNN's matmul instead of MKL's (cpu_kernels.py): the same
+  weights, streamed from memory ~1.5-2.5x faster at batch 1.
 - Decode runs under torch.inference_mode(), greedy is a plain argmax, and the history needed by the
   repetition penalty is a preallocated id buffer, so a decode step allocates only activations.
 
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from course.errors import CourseError
+from phase3_core_inference.project8_kv_cache.cpu_kernels import use_onednn_linear
 from phase3_core_inference.project8_kv_cache.kv_cache import KVCache
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams, sample_token
 
@@ -64,10 +67,12 @@ class GenStats:
 class Engine:
     """Single-sequence (batch 1) generation with a persistent KV cache, for the CLI and chat."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int | None = None):
+    def __init__(self, model: torch.nn.Module, max_len: int | None = None, onednn: bool = True):
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # CPU fp32: run the Linear layers through oneDNN's matmul (same weights; see cpu_kernels.py)
+        self.onednn = onednn and self.device.type == "cpu" and self.dtype == torch.float32 and use_onednn_linear(model) > 0
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache.for_model(model.config, batch=1, max_len=self.max_len, dtype=self.dtype,
                                        device=self.device)
@@ -133,7 +138,8 @@ class Engine:
             if tok in stop_ids or i == max_new_tokens - 1:
                 break
             # feed the token: its K/V go to the cache at `pos`
-            self.history[0, pos] = tok
+            if penalty:
+                self.history[0, pos] = tok
             logits, _ = self.model(nxt.view(1, 1), kv_cache=self.cache, start_pos=pos)
             logits = logits[:, -1]
             self.tokens.append(tok)

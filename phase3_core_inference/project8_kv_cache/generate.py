@@ -115,14 +115,14 @@ def main() -> None:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size}; "
                           "pass the tokenizer that belongs to this model with --tokenizer")
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
-    engine = Engine(loaded.model, max_len=max_len)
+    engine = Engine(loaded.model, max_len=max_len, onednn=cfg.onednn)
     params = SamplingParams(cfg.temperature, cfg.top_k or None, cfg.top_p, cfg.min_p or None,
                             cfg.repetition_penalty).check()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     n = sum(p.numel() for p in loaded.model.parameters())
     print(f"[{loaded.kind} model {loaded.path} ({n / 1e6:.2f}M params, {mcfg.n_layer} layers, "
           f"{mcfg.n_head}/{mcfg.n_kv_head} q/kv heads, context {mcfg.block_size}) on {device}, {cfg.dtype}; "
-          f"tokenizer {tokenizer.name}]", file=sys.stderr)
+          f"tokenizer {tokenizer.name}; linear kernels: {'oneDNN' if engine.onednn else 'default'}]", file=sys.stderr)
     if cfg.chat:
         chat_loop(engine, tokenizer, cfg, params, gen)
         return

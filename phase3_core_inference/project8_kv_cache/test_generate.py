@@ -134,3 +134,13 @@ def test_hub_id_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CourseError, match="could not download 'karpathy/no-such-model'"):
         hub_download("karpathy/no-such-model")
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs_and_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, "phase3_core_inference/project8_kv_cache/benchmark.py", "--quick",
+                           "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "benchmark_quick.json").read_text())
+    assert results["hf"][0]["same_tokens"] and results["cache"][-1]["speedup"] > 1
+    assert (tmp_path / "kv_cache_speedup.png").stat().st_size > 1000

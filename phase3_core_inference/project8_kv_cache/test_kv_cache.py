@@ -19,6 +19,8 @@ import torch
 
 from course.errors import CourseError
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
+from phase3_core_inference.project8_kv_cache.cpu_kernels import (OneDNNLinear, onednn_available, restore_linear,
+                                                                 use_onednn_linear)
 from phase3_core_inference.project8_kv_cache.engine import Engine, generate_cached, generate_nocache
 from phase3_core_inference.project8_kv_cache.kv_cache import KVCache, kv_cache_bytes
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
@@ -95,10 +97,13 @@ def test_gqa_shrinks_the_cache_by_the_group_size():
 
 
 # ---- the model with the cache equals the model without it ---------------------------------------------
+@pytest.mark.parametrize("onednn", [False, True], ids=["default-kernels", "onednn"])
 @pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (4, 2), (4, 1)])  # MHA, GQA, MQA
 @pytest.mark.parametrize("prompt_len", [1, 5, 16])
-def test_cached_logits_equal_full_recompute_at_every_step(n_head, n_kv_head, prompt_len):
+def test_cached_logits_equal_full_recompute_at_every_step(n_head, n_kv_head, prompt_len, onednn):
     model = tiny_llama(seed=prompt_len, n_head=n_head, n_kv_head=n_kv_head)
+    if onednn:
+        use_onednn_linear(model)
     idx = torch.randint(0, 97, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     out, step_logits = generate_cached(model, idx, max_new_tokens=12, return_logits=True)
     with torch.no_grad():
@@ -119,6 +124,24 @@ def test_chunked_prefill_matches_and_no_cache_path_is_unchanged():
         torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=0, atol=1e-5)
         cache2 = KVCache.for_model(model.config, batch=2)
         assert torch.equal(model(idx, kv_cache=cache2, start_pos=0)[0], full)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_onednn_linear_same_weights_same_logits():
+    model = tiny_llama(seed=6, tie_embeddings=False)
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        ptrs = [p.data_ptr() for p in model.parameters()]
+        assert use_onednn_linear(model) == 2 * 7 + 1  # 7 Linear per block + lm_head
+        assert type(model.lm_head) is OneDNNLinear and [p.data_ptr() for p in model.parameters()] == ptrs
+        fast = model(idx)[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    loss = model(idx, targets=idx)[1]  # with autograd on it falls back to F.linear: training still works
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+    restore_linear(model)
+    assert type(model.lm_head) is torch.nn.Linear
 
 
 def test_engine_reuses_the_cache_across_turns():
@@ -157,8 +180,8 @@ def test_seeded_sampling_is_reproducible():
 transformers = pytest.importorskip("transformers", reason="transformers (dev group) is needed")
 
 
-@pytest.mark.parametrize("tie,n_kv", [(True, 2), (False, 1), (False, 4)])
-def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv):
+@pytest.mark.parametrize("tie,n_kv,onednn", [(True, 2, True), (False, 1, True), (False, 4, False)])
+def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv, onednn):
     from phase3_core_inference.project8_kv_cache.loading import load_model
 
     torch.manual_seed(n_kv)
@@ -171,6 +194,8 @@ def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv):
             p.normal_(0, 0.15 if p.dim() > 1 else 1.0)
     hf.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path)).model
+    if onednn:
+        use_onednn_linear(ours)
     prompt = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(n_kv))
     n = 40
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
