@@ -6,4 +6,5 @@
     checkpoint  atomic save/load and RNG state capture for exact resume
     download    download or import a data file with progress and sha256 checks
     plots       loss curves and other line plots as PNG
+    paths       REPO_ROOT and repo_path: configs' relative paths work from any directory
 """

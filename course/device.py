@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 
 import numpy as np
@@ -27,7 +29,10 @@ def get_device(name: str = "auto") -> torch.device:
         raise CourseError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if kind == "mps" and not mps_ok:
         raise CourseError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CourseError(f"invalid device '{name}'; use cpu, cuda, cuda:N, mps or auto") from None
 
 
 def set_seed(seed: int) -> None:
@@ -44,3 +49,21 @@ def device_summary(device: torch.device) -> str:
     if device.type == "mps":
         return "Apple MPS"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def machine_summary() -> str:
+    """The machine a benchmark ran on, for results tables: CPU model, cores, RAM, GPU if any, PyTorch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores"]
+    try:
+        parts.append(f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return ", ".join(parts) + f"; PyTorch {torch.__version__}"

@@ -113,6 +113,9 @@ def copy_tree_files(src_dir: str | os.PathLike, dest_dir: str | os.PathLike, pat
     out = []
     for p in tqdm(files, desc=f"importing {src_dir.name}", unit="file", leave=False):
         target = dest_dir / p.name
-        atomic_write(target, lambda f, p=p: shutil.copyfileobj(open(p, "rb"), f, CHUNK))
+        def copy(f, p=p):
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, f, CHUNK)
+        atomic_write(target, copy)
         out.append(target)
     return out

@@ -80,6 +80,8 @@ def test_device_auto_and_errors():
     assert get_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(CourseError, match="unknown device 'tpu'"):
         get_device("tpu")
+    with pytest.raises(CourseError, match="invalid device 'cpu:x'"):
+        get_device("cpu:x")
     if not torch.cuda.is_available():
         with pytest.raises(CourseError, match="no CUDA GPU"):
             get_device("cuda")
@@ -164,3 +166,25 @@ def test_run_cli_prints_one_line(capsys):
         run_cli(main)
     assert exc.value.code == 2
     assert capsys.readouterr().err == "error: data file missing; run download_data.py\n"
+
+
+def test_repo_path_resolves_relative_paths_from_anywhere(tmp_path, monkeypatch):
+    from course.paths import REPO_ROOT, repo_path
+
+    assert (REPO_ROOT / "pyproject.toml").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert repo_path("checkpoints/project1") == REPO_ROOT / "checkpoints" / "project1"  # not here: the repo's
+    (tmp_path / "mine.txt").write_text("x")
+    assert repo_path("mine.txt").resolve() == (tmp_path / "mine.txt").resolve()  # present here: yours
+    assert repo_path(tmp_path / "abs") == tmp_path / "abs"
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
+    finally:
+        os.umask(umask)
