@@ -19,9 +19,9 @@ import os
 import platform
 import resource
 import time
-from pathlib import Path
 
 from course.errors import CourseError, run_cli
+from course.paths import repo_path
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, read_gutenberg, read_wikitext2
 from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, RegexTokenizer, load_gpt2
 
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
             r["bpt_hf_10k"] = wiki_mb / len(hf.encode(wiki).ids)
         if gpt2 is not None:
             r["bpt_gpt2_50k"] = wiki_mb / len(gpt2.encode_ordinary(wiki))
+            if tiktoken is not None:  # measured by tiktoken itself, not copied from ours
+                r["bpt_tiktoken_gpt2_50k"] = wiki_mb / len(tt2.encode_ordinary(wiki))
     except CourseError as e:
         print(f"skipping compression on WikiText-2: {e}")
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("ids identical to tiktoken (10K / GPT-2)", f"{r.get('parity_ours_10k', 'n/a')} / {r.get('parity_ours_gpt2', 'n/a')}", "-", "-"),
         ("bytes/token WikiText-2 test, 10K gpt2 pattern", g("bpt_ours_10k_gpt2"), g("bpt_hf_10k"), "-"),
         ("bytes/token WikiText-2 test, 10K gpt4 pattern", g("bpt_ours_10k_gpt4"), "-", "-"),
-        ("bytes/token WikiText-2 test, GPT-2 50,257", g("bpt_gpt2_50k"), "-", g("bpt_gpt2_50k")),
+        ("bytes/token WikiText-2 test, GPT-2 50,257", g("bpt_gpt2_50k"), "-", g("bpt_tiktoken_gpt2_50k")),
     ]
     print(f"\n| measure ({r['corpus_mb']:.1f} MB Gutenberg) | ours | HF tokenizers | tiktoken |")
     print("|---|---|---|---|")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\ntraining time ours / HF tokenizers = {r['train_ratio_ours_vs_hf']:.2f}x (target <= 2x); "
               f"encode {r['encode_ours_10k_mbps']:.1f} MB/s (target >= 3)")
     from course.checkpoint import atomic_write_json  # imports torch: only now, after the RSS measurement
-    atomic_write_json(Path(args.out), r)
+    atomic_write_json(repo_path(args.out), r)
     print(f"wrote {args.out}")
     return r
 

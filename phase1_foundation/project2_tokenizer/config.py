@@ -36,7 +36,9 @@ class TokenizerConfig(BaseConfig):
         return [s.strip() for s in self.special_tokens.split(",") if s.strip()]
 
     def plot_size_list(self) -> list[int]:
-        return [int(s) for s in self.plot_sizes.split(",") if s.strip()]
+        """The sizes to plot: those of plot_sizes up to vocab_size, and vocab_size itself (the trained one)."""
+        sizes = {int(s) for s in self.plot_sizes.split(",") if s.strip()}
+        return sorted({s for s in sizes if s < self.vocab_size} | {self.vocab_size})
 
     def check(self) -> list[str]:
         errors = super().check()
@@ -57,9 +59,8 @@ class TokenizerConfig(BaseConfig):
         if self.log_every < 0:
             errors.append(f"log_every ({self.log_every}) must be >= 0")
         try:
-            sizes = self.plot_size_list()
-            if any(s < 256 or s > self.vocab_size for s in sizes):
-                errors.append(f"plot_sizes ({self.plot_sizes}) must lie in [256, vocab_size]")
+            if any(int(s) < 256 for s in self.plot_sizes.split(",") if s.strip()):
+                errors.append(f"plot_sizes ({self.plot_sizes}) must all be >= 256 (the byte alphabet)")
         except ValueError:
             errors.append(f"plot_sizes ({self.plot_sizes!r}) must be comma-separated integers")
         return errors

@@ -14,8 +14,9 @@ from pathlib import Path
 import regex
 
 from course.errors import CourseError
+from course.paths import REPO_ROOT, repo_path
 
-DATA_DIR = Path("data")
+DATA_DIR = REPO_ROOT / "data"
 GUTENBERG_DIR = DATA_DIR / "gutenberg"
 WIKITEXT2_DIR = DATA_DIR / "wikitext2"
 GPT2_DIR = DATA_DIR / "gpt2_bpe"
@@ -36,7 +37,7 @@ def strip_gutenberg(text: str) -> str:
 
 
 def gutenberg_files(data_dir: str | os.PathLike = GUTENBERG_DIR) -> list[Path]:
-    files = sorted(Path(data_dir).glob("*.txt.gz"))
+    files = sorted(repo_path(data_dir).glob("*.txt.gz"))
     if not files:
         raise CourseError(f"no Gutenberg books (*.txt.gz) in {data_dir}; get them with: " + HELP.format("gutenberg"))
     return files
@@ -64,7 +65,7 @@ def read_gutenberg(data_dir: str | os.PathLike = GUTENBERG_DIR, split: str = "al
 
 
 def read_wikitext2(split: str = "test", data_dir: str | os.PathLike = WIKITEXT2_DIR) -> str:
-    path = Path(data_dir) / f"wiki.{split}.raw"
+    path = repo_path(data_dir) / f"wiki.{split}.raw"
     if not path.is_file():
         raise CourseError(f"{path} not found; get it with: " + HELP.format("wikitext2"))
     return path.read_text(encoding="utf-8")
@@ -72,7 +73,7 @@ def read_wikitext2(split: str = "test", data_dir: str | os.PathLike = WIKITEXT2_
 
 def gpt2_files(data_dir: str | os.PathLike = GPT2_DIR) -> tuple[Path, Path]:
     """Paths of GPT-2's encoder.json and vocab.bpe (raises with the download command if absent)."""
-    enc, bpe = Path(data_dir) / "encoder.json", Path(data_dir) / "vocab.bpe"
+    enc, bpe = repo_path(data_dir) / "encoder.json", repo_path(data_dir) / "vocab.bpe"
     if not (enc.is_file() and bpe.is_file()):
         raise CourseError(f"GPT-2 tokenizer files not found in {data_dir}; get them with: " + HELP.format("gpt2_bpe"))
     return enc, bpe

@@ -26,8 +26,9 @@ import zipfile
 from pathlib import Path
 
 from course.checkpoint import atomic_write
-from course.download import fetch_file, is_url, sha256_file, verify_file
+from course.download import fetch_file, is_url, verify_file
 from course.errors import CourseError, run_cli
+from course.paths import repo_path
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "gutenberg_manifest.tsv"
@@ -38,9 +39,11 @@ WIKITEXT2_FILES = {
     "wiki.valid.raw": (1_146_846, "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7"),
     "wiki.test.raw": (1_290_590, "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"),
 }
-# Salesforce's original release. Its checksum was never published with it: we print the sha256 we
-# get so a second download can be compared, and check the three files are inside.
+# Salesforce's original release (Merity et al. 2016). Salesforce published no checksum; this size and
+# sha256 are the ones every widely used loader pins for this zip (e.g. Hugging Face's old `wikitext`
+# script), so a mirror or a local copy is accepted only if it is byte-identical.
 WIKITEXT103_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip"
+WIKITEXT103_ZIP = (191_984_949, "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794")
 GPT2_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 GPT2_FILES = {  # the same hashes tiktoken pins in tiktoken_ext/openai_public.py
     "encoder.json": (1_042_301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
@@ -107,8 +110,9 @@ def get_wikitext103(data_dir: Path, source: str | None, force: bool) -> None:
         return
     url, local = _origin(source, "wikitext-103-raw-v1.zip", WIKITEXT103_URL)
     with tempfile.TemporaryDirectory() as tmp:
-        z = fetch_file(Path(tmp) / "wt103.zip", url, source=local)
-        print(f"wikitext-103-raw-v1.zip sha256 {sha256_file(z)} (no published checksum to compare with)")
+        size, sha = WIKITEXT103_ZIP
+        z = fetch_file(Path(tmp) / "wt103.zip", url, source=local, sha256=sha, size=size)
+        print(f"wikitext-103-raw-v1.zip ({size:,} bytes, sha256 ok)")
         try:
             with zipfile.ZipFile(z) as zf:
                 for n in names:
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data_dir", default="data", help="where data/ is (default: data)")
     p.add_argument("--force", action="store_true", help="fetch again even if a verified copy is present")
     args = p.parse_args(argv)
-    data_dir = Path(args.data_dir)
+    data_dir = repo_path(args.data_dir)
     if args.dataset == "gutenberg":
         get_gutenberg(data_dir, args.source, args.force)
     elif args.dataset == "wikitext2":

@@ -149,6 +149,22 @@ def test_parallel_pretokenization_gives_same_merges():
     assert one.merges == two.merges
 
 
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_split_for_workers_keeps_chunk_counts_exact(pattern):
+    """Counting the pieces separately must equal counting the whole text, including the whitespace runs
+    that a cut after a newline would change ("\n\nHello" is "\n", "\n" as GPT-2 splits the whole text)."""
+    from phase1_foundation.project2_tokenizer.tokenizer import SPLIT_PATTERNS, _split_for_workers
+
+    rng = random.Random(7)
+    words = ["Hello", "world", "it's", "  ", "\n\n", "\n", " \n", "12345", "!!", "\t", "Ünïcode", "日本"]
+    text = "".join(rng.choice(words) + rng.choice([" ", "", "\n\n", "  \n"]) for _ in range(3000))
+    pieces = _split_for_workers(text, 200)
+    assert len(pieces) > 20 and "".join(pieces) == text
+    whole = Counter(regex.findall(SPLIT_PATTERNS[pattern], text))
+    split = Counter(c for piece in pieces for c in regex.findall(SPLIT_PATTERNS[pattern], piece))
+    assert split == whole
+
+
 def test_special_tokens_are_not_learned_and_get_last_ids():
     tok = RegexTokenizer("gpt4", special_tokens=[ENDOFTEXT])
     text = (_wiki("valid") or _fallback_corpus())[:50_000]
@@ -162,7 +178,15 @@ def test_special_tokens_are_not_learned_and_get_last_ids():
 # Exact parity with tiktoken
 # ------------------------------------------------------------------------------------------------
 
-tiktoken = pytest.importorskip("tiktoken", reason="tiktoken (dev dependency) is needed for parity tests")
+try:  # only the parity tests need tiktoken: without it they skip, every other test still runs
+    import tiktoken
+except ImportError:
+    tiktoken = None
+
+
+def _need_tiktoken():
+    if tiktoken is None:
+        pytest.skip("tiktoken (dev dependency group) is needed for parity tests: uv sync --group dev")
 
 
 def _gpt2_paths():
@@ -176,6 +200,7 @@ def _gpt2_paths():
 @pytest.fixture(scope="module")
 def gpt2_pair(tmp_path_factory):
     """(our GPT-2 tokenizer, tiktoken Encoding built by tiktoken's own loader from the same files)."""
+    _need_tiktoken()
     enc_path, bpe_path = _gpt2_paths()
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     mp = pytest.MonkeyPatch()
@@ -195,6 +220,7 @@ def trained():
 
 
 def _as_tiktoken(tok: RegexTokenizer):
+    _need_tiktoken()
     return tiktoken.Encoding(f"ours_{len(tok.vocab)}", pat_str=tok.pattern, mergeable_ranks=tok.to_ranks(),
                              special_tokens=tok.special_tokens)
 
@@ -393,6 +419,7 @@ def test_ranks_roundtrip_and_tiktoken_file(trained, tmp_path):
     assert back.merges == tok.merges and back.vocab == tok.vocab
     path = tok.save_ranks(tmp_path / "ours.tiktoken")
     assert load_ranks(path) == tok.to_ranks()
+    _need_tiktoken()
     from tiktoken.load import load_tiktoken_bpe
     assert load_tiktoken_bpe(str(path)) == tok.to_ranks()  # tiktoken reads our file
 
@@ -405,6 +432,7 @@ def test_from_ranks_arbitrary_table():
     for tok in [b"ab", b"abc", b"  ", b"abcab"]:
         ranks[tok] = len(ranks)
     tok = RegexTokenizer.from_ranks(ranks, r"\S+|\s+", {"<s>": 1000})
+    _need_tiktoken()
     theirs = tiktoken.Encoding("custom", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<s>": 1000})
     for text in ["abcab abc  ab", "xabcabx", "<s>abc", "   "]:
         assert tok.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
@@ -525,6 +553,11 @@ def test_config_presets_and_validation():
         TokenizerConfig(pattern="gpt5").validate_config()
     with pytest.raises(ConfigError, match="special_tokens"):
         TokenizerConfig(special_tokens="<|a|>,<|a|>").validate_config()
+    with pytest.raises(ConfigError, match="plot_sizes"):
+        TokenizerConfig(plot_sizes="100,512").validate_config()
+    # a smaller vocabulary plots up to itself (the README's --vocab_size=4096 command), a larger one includes itself
+    assert TokenizerConfig(vocab_size=4096).validate_config().plot_size_list() == [256, 512, 1000, 2000, 4096]
+    assert TokenizerConfig(vocab_size=32_000).plot_size_list()[-2:] == [10_000, 32_000]
 
 
 def test_train_script_end_to_end(tmp_path):
