@@ -23,7 +23,7 @@ from course.errors import CourseError, run_cli
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT
 from phase1_foundation.project1_minimal_gpt.sampling import sample_next_token, top_k_filter, top_p_filter
-from phase1_foundation.project1_minimal_gpt.train import DEFAULT_OUT_DIR, TRAIN_CMD, decode, encode
+from phase1_foundation.project1_minimal_gpt.train import DEFAULT_OUT_DIR, TRAIN_CMD, encode
 
 
 @torch.no_grad()

@@ -487,6 +487,20 @@ def test_train_bad_config_flag_and_resume_shape_change(text_file, tmp_path, caps
     assert "cannot change n_layer when resuming" in msg
 
 
+def test_train_fetches_missing_default_data_and_offline_is_one_clear_error(tmp_path, monkeypatch):
+    """train.py downloads Tiny Shakespeare itself when data/ lacks it; offline that ends in the --source line."""
+    missing = tmp_path / "shakespeare.txt"
+    monkeypatch.setattr(train, "DATA_PATH", missing)
+    with mock.patch("urllib.request.urlopen", side_effect=urllib.error.URLError("no network")):
+        with pytest.raises(CourseError, match=r"offline\? import a local copy .* --source PATH_TO/input.txt"):
+            train.load_text(missing)
+    assert not missing.exists()
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CourseError, match="is not UTF-8 text"):
+        train.load_text(binary)
+
+
 def test_download_offline_and_bad_source(tmp_path, capsys):
     dest = tmp_path / "shakespeare.txt"
     with mock.patch("urllib.request.urlopen", side_effect=urllib.error.URLError("no network")):

@@ -58,7 +58,11 @@ def load_text(path: str | Path = DATA_PATH) -> str:
             raise CourseError(f"data file not found: {path}; pass an existing --data_path or download "
                               "Tiny Shakespeare with: uv run python phase1_foundation/project1_minimal_gpt/"
                               "download_data.py")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CourseError(f"data file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                          "pass a plain text file with --data_path") from None
     if len(text) < 100:
         raise CourseError(f"data file {path} has only {len(text)} characters; it needs at least 100 to train on")
     return text
@@ -272,9 +276,12 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
             it += 1
             steps_done += 1
             if it % cfg.log_interval == 0:  # .item() waits for the device: only this often
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                loss_value = loss.item()
+                step_time += time.perf_counter() - t0  # this step included, after the device finished it
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{tokens_per_iter * steps_done / max(step_time, 1e-9):,.0f}", refresh=False)
-            step_time += time.perf_counter() - t0
+            else:
+                step_time += time.perf_counter() - t0
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
