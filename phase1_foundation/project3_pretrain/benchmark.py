@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from course.device import device_summary, get_device, set_seed
+from course.checkpoint import load_checkpoint
 from course.errors import CourseError, run_cli
+from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 from phase1_foundation.project3_pretrain.flops import flops_per_token, gpu_peak, measure_matmul_peak
@@ -79,11 +81,11 @@ def compare(out_png: Path, peak: float | None) -> list[dict]:
     """The LLaMA-vs-GPT plot (val bits per byte against wall-clock minutes) and table, from the runs' logs."""
     curves, rows = {}, []
     for name, folder in RUNS.items():
-        recs = read_log(Path(folder) / "log.jsonl")
+        recs = read_log(repo_path(folder) / "log.jsonl")
         ev = [r for r in recs if r["kind"] == "eval"]
         tr = [r for r in recs if r["kind"] == "train"]
         curves[name] = ([r["elapsed_s"] / 60 for r in ev], [r["val_bpb"] for r in ev])
-        ckpt = torch.load(Path(folder) / "ckpt.pt", map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(repo_path(folder) / "ckpt.pt", hint="train it first (see README, step 3)")
         cfg = LlamaConfig.from_dict(ckpt["model_config"])
         with torch.device("meta"):
             model = build_model(ckpt["arch"], cfg)
@@ -144,13 +146,13 @@ def main() -> None:
                   (f" mem {r['max_memory_gb']:.1f} GB" if "max_memory_gb" in r else ""))
     if args.what in ("compare", "all"):
         try:
-            results["compare"] = compare(Path("checkpoints/project3/compare_bpb.png"),
+            results["compare"] = compare(repo_path("checkpoints/project3/compare_bpb.png"),
                                          results.get("measured_matmul_flops"))
         except CourseError as e:
             if args.what == "compare":
                 raise
             print(f"compare skipped: {e}")
-    out = Path(args.out)
+    out = repo_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     tp = results.get("throughput", [{}])[0]

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from course.device import get_device
 from course.errors import CourseError, run_cli
+from course.paths import repo_path
 from phase1_foundation.project2_tokenizer.data import strip_gutenberg
 from phase1_foundation.project3_pretrain.generate import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
 
@@ -91,7 +92,7 @@ def main() -> None:
     model, stored_tok = load_any(args.ckpt, args.hf_dir, dev)
     if args.split:
         from phase1_foundation.project3_pretrain.train import TokenData
-        data = TokenData(args.data_dir, model.config.block_size)
+        data = TokenData(repo_path(args.data_dir), model.config.block_size)
         if data.vocab_size != model.config.vocab_size:
             raise CourseError(f"{args.data_dir}/meta.json has vocab {data.vocab_size}, the model {model.config.vocab_size}")
         ids, n_bytes, what = data.splits[args.split], data.meta["splits"][args.split]["bytes"], f"{args.split} shard"

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 # Dense (no sparsity) peak tensor-core FLOP/s from the vendors' datasheets, by dtype.
 GPU_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},   # SXM; PCIe is ~756e12 bf16
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},  # checked before the SXM entry
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},       # SXM
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30e12},

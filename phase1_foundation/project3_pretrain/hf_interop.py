@@ -261,7 +261,8 @@ def main() -> None:
         raise CourseError(f"{args.ckpt} holds a {type(model).__name__}; only the LLaMA architecture exports to HF")
     tok_path = Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER)
     tok = load_matching_tokenizer(tok_path, model)
-    out = export_hf(model, args.out_dir, tok_path)
+    from course.paths import repo_path
+    out = export_hf(model, repo_path(args.out_dir), tok_path)
     print(f"exported {model.num_params():,} parameters to {out}/ (config.json, model.safetensors, tokenizer.pkl)")
     if args.no_check:
         return

@@ -19,11 +19,14 @@ Differences from project 1's GPT, one line each:
     biases everywhere        -> no biases
     tied embeddings          -> optional (tie_embeddings)
 
-Inference protocol (used by project 8's KV cache): `forward(idx, targets=None, kv_cache=None, start_pos=0)`.
+Inference protocol (used by project 8's KV cache): `forward(idx, targets=None, kv_cache=None, start_pos=0,
+left_pad=None)`.
 Tokens idx sit at absolute positions start_pos .. start_pos+T-1; every attention layer i calls
 `k, v = kv_cache.update(i, k, v, start_pos)` with k, v of shape (B, n_kv_head, T, head_dim), k already rotated,
 and gets back all keys/values so far, (B, n_kv_head, start_pos+T, head_dim). The T == 1 decode step builds no mask
-and allocates nothing but the activations.
+and allocates nothing but the activations. A batch of prompts of different lengths is left-padded to one length:
+`left_pad[b]` says how many of row b's first slots are padding; row b's RoPE positions then start at 0 on its
+first real token and no query ever attends to a padding slot (`ragged_rope_and_mask`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from course.errors import CourseError, run_cli
 from phase1_foundation.project1_minimal_gpt.model import GPT
+from phase1_foundation.project3_pretrain import flops
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 
 __all__ = ["LlamaConfig", "Llama", "RMSNorm", "rope_tables", "apply_rope", "Attention", "SwiGLU", "Block"]
@@ -115,7 +119,7 @@ class Attention(nn.Module):
         self.gqa = cfg.n_kv_head != cfg.n_head
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None,
-                layer_idx: int = 0, start_pos: int = 0) -> torch.Tensor:
+                layer_idx: int = 0, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -125,7 +129,10 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, k, v, start_pos)
         Tk = k.size(2)
         drop = self.dropout if self.training else 0.0
-        if T == 1 or Tk == T:
+        if mask is not None:
+            # a left-padded batch: the caller's (B, 1, T, Tk) mask is causal and hides every padding key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
+        elif T == 1 or Tk == T:
             # decode step: the one query sees every cached key, no mask; plain prefill: the standard causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=T > 1, enable_gqa=self.gqa)
         else:
@@ -167,8 +174,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer_idx: int = 0, start_pos: int = 0):
-        x = x + self.resid_drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, layer_idx, start_pos))
+    def forward(self, x, cos, sin, kv_cache=None, layer_idx: int = 0, start_pos: int = 0, mask=None):
+        x = x + self.resid_drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, layer_idx, start_pos, mask))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -212,31 +219,55 @@ class Llama(nn.Module):
 
         The input embedding is a table lookup (no FLOPs) unless it is tied to lm_head.
         """
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return flops.matmul_params(self)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N (forward 2N + backward 4N) plus attention scores and values,
-        12 * n_layer * n_head * head_dim * T (PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's estimate_mfu)."""
-        T = seq_len or self.config.block_size
+        12 * n_layer * n_head * head_dim * T (PaLM, Chowdhery et al. 2022, appendix B; see flops.py)."""
         c = self.config
-        return 6 * self.matmul_params() + 12 * c.n_layer * c.n_head * c.hd * T
+        return flops.flops_per_token(self, c.n_layer, c.n_head, c.hd, seq_len or c.block_size)
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, start_pos: int = 0):
+    def ragged_rope_and_mask(self, left_pad: torch.Tensor, start_pos: int, T: int):
+        """RoPE tables (B, 1, T, D) and attention mask (B, 1, T, start_pos+T) for a left-padded batch.
+
+        INTUITION: left padding keeps every row's tokens in the same cache slots (slot = start_pos + t), so the
+        KV cache stays one rectangular tensor; only two things depend on the row: its token in slot s sits at
+        position s - left_pad[b] (RoPE), and slots < left_pad[b] hold padding that no query may attend to.
+        A padding query attends to itself only (a fully masked row would give NaN); its output is never used.
+        """
+        if left_pad.dim() != 1:
+            raise CourseError(f"left_pad must have shape (batch,), got {tuple(left_pad.shape)}")
+        left_pad = left_pad.to(self.rope_cos.device)
+        slots = torch.arange(start_pos, start_pos + T, device=left_pad.device)
+        pos = (slots[None, :] - left_pad[:, None]).clamp(min=0)              # (B, T)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+        keys = torch.arange(start_pos + T, device=left_pad.device)
+        causal = keys[None, None, :] <= slots[None, :, None]                 # (1, T, Tk)
+        real = keys[None, None, :] >= left_pad[:, None, None]                # (B, 1, Tk)
+        itself = keys[None, None, :] == slots[None, :, None]
+        return cos, sin, ((causal & real) | itself).unsqueeze(1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, start_pos: int = 0,
+                left_pad: torch.Tensor | None = None):
         B, T = idx.shape
         if start_pos + T > self.config.block_size:
             raise CourseError(f"sequence positions {start_pos}..{start_pos + T - 1} exceed block_size "
                               f"{self.config.block_size} (the RoPE tables); crop the context")
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        mask = None
+        if left_pad is None:
+            cos = self.rope_cos[start_pos:start_pos + T]
+            sin = self.rope_sin[start_pos:start_pos + T]
+        else:
+            cos, sin, mask = self.ragged_rope_and_mask(left_pad, start_pos, T)
         x = self.tok_emb(idx)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 # Recompute the block's activations in backward instead of storing them: ~1/3 more compute,
                 # activation memory per layer drops to its input.
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, i, start_pos, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_cache, i, start_pos)
+                x = layer(x, cos, sin, kv_cache, i, start_pos, mask)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

@@ -291,9 +291,9 @@ def test_gpu_preset_one_optimizer_step_on_cpu():
     model = Llama(cfg).train()
     model.gradient_checkpointing = True
     opt = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), "cpu")
-    idx = torch.randint(0, cfg.vocab_size, (1, cfg.block_size))
+    idx = torch.randint(0, cfg.vocab_size, (1, cfg.block_size + 1))
     before = model.layers[0].attn.wq.weight.detach().clone()
-    loss = model(idx, idx)[1]
+    loss = model(idx[:, :-1], idx[:, 1:])[1]  # next-token targets
     loss.backward()
     opt.step()
     assert not torch.equal(before, model.layers[0].attn.wq.weight)

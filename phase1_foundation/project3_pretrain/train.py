@@ -37,6 +37,7 @@ from tqdm import tqdm
 from course.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from course.device import device_summary, get_device, set_seed
 from course.errors import ConfigError, CourseError, run_cli
+from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT
@@ -147,6 +148,7 @@ def _state(model, optimizer, scaler, it, mcfg, tcfg, arch, losses, elapsed, toke
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, checkpoint dict) for generate.py / evaluate.py / hf export, with clear errors."""
+    path = repo_path(path)
     state = load_checkpoint(path, map_location="cpu", hint=f"train one first with: {TRAIN_CMD}")
     missing = [k for k in ("model_state_dict", "model_config") if k not in state]
     if missing:
@@ -154,21 +156,27 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     mcfg = LlamaConfig.from_dict(state["model_config"])
     model = build_model(state.get("arch", "llama"), mcfg)
     expected = model.state_dict()
-    for name, t in state["model_state_dict"].items():
+    # a checkpoint of a torch.compile'd model prefixes every name with _orig_mod.
+    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model_state_dict"].items()}
+    for name, t in weights.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
             raise CourseError(f"{path}: tensor '{name}' has shape {tuple(t.shape)} but the stored config implies "
                               f"{tuple(expected[name].shape)}; the checkpoint is corrupt or from another model")
-    try:
-        model.load_state_dict(state["model_state_dict"])
-    except RuntimeError as e:
-        raise CourseError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        what = "; ".join(f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                         for label, names in (("missing", missing), ("unexpected", unexpected)) if names)
+        raise CourseError(f"{path}: the weights do not match a {state.get('arch', 'llama')} model of the stored "
+                          f"config ({what}); the checkpoint is corrupt or from another model")
+    model.load_state_dict(weights)
     return model.to(device).eval(), state
 
 
 def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: int = 1337, resume: bool = False,
           progress: bool = True, train_overrides: dict | None = None) -> dict:
     """Train or resume; return the summary dict. Exact resume: a run of 2N steps equals N + --resume + N."""
-    out_dir = Path(tcfg.out_dir)
+    out_dir = repo_path(tcfg.out_dir)
     state = None
     if resume:
         state = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu",
@@ -182,7 +190,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
         torch.set_num_threads(tcfg.threads)
     dev = get_device(device)
     set_seed(seed)
-    data = TokenData(tcfg.data_dir, mcfg.block_size)
+    data = TokenData(repo_path(tcfg.data_dir), mcfg.block_size)
     if mcfg.vocab_size != data.vocab_size:
         if resume:
             raise CourseError(f"{data.dir}/meta.json has vocab_size {data.vocab_size} but the checkpoint's model has "
@@ -258,7 +266,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
     last_eval: dict = {}
     step_time, steps_done, tokens_timed, loss_acc = 0.0, 0, 0, None
     t_loop = time.perf_counter()
-    bar = tqdm(total=tcfg.max_iters, initial=it, desc=f"train {tcfg.arch}", unit="it", disable=not progress,
+    bar = tqdm(total=horizon if budget is None else tcfg.max_iters, initial=it, desc=f"train {tcfg.arch}", unit="it", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     model.train()
     while True:
@@ -282,6 +290,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
         if budget is not None and steps_done >= 10 and not tcfg.lr_decay_iters:
             rate = steps_done / (time.perf_counter() - t_loop)
             horizon = min(tcfg.max_iters, it + int(rate * (budget - elapsed)))
+            bar.total = horizon  # the bar counts to the estimated end of the budget, not to max_iters
         lr = cosine_lr(it, tcfg.warmup_iters, horizon, tcfg.lr, tcfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
