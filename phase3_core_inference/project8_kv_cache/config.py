@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from course.config import BaseConfig
+from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -23,7 +24,7 @@ class GenerateConfig(BaseConfig):
     interactive: bool = False     # read prompts from stdin, one per line
     chat: bool = False            # apply the chat template; keep the KV cache across turns
     system: str = ""              # optional system message for --chat
-    max_new_tokens: int = 256
+    max_new_tokens: int = 0       # 0 = up to 256, as many as fit in the context; an explicit N must fit
     temperature: float = 0.0      # 0 = greedy (argmax)
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 1.0 = off
@@ -40,19 +41,17 @@ class GenerateConfig(BaseConfig):
         "gpu": dict(device="cuda", dtype="bfloat16"),
     }
 
+    def sampling(self) -> SamplingParams:
+        """The sampling pipeline's settings (0 switches top_k / min_p off)."""
+        return SamplingParams(self.temperature, self.top_k or None, self.top_p, self.min_p or None,
+                              self.repetition_penalty)
+
     def check(self) -> list[str]:
         errors = super().check()
-        self.check_positive(errors, "max_new_tokens")
+        if self.max_new_tokens < 0:
+            errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 0 (0 = as many as fit, up to 256)")
         self.check_choice(errors, "dtype", DTYPES)
-        if self.temperature < 0:
-            errors.append(f"temperature ({self.temperature}) must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            errors.append(f"top_k ({self.top_k}) must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            errors.append(f"top_p ({self.top_p}) must be in (0, 1]")
-        self.check_range(errors, "min_p", 0.0, 1.0)
-        if self.repetition_penalty <= 0:
-            errors.append(f"repetition_penalty ({self.repetition_penalty}) must be > 0 (1.0 = off)")
+        errors += self.sampling().problems()
         if self.max_len < 0:
             errors.append(f"max_len ({self.max_len}) must be >= 0 (0 = the model's context window)")
         if self.chat and self.prompt:

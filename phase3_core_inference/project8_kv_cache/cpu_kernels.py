@@ -3,13 +3,20 @@
 WHY (measured by benchmark.py, and first by hand on this course's 2-core AMD EPYC machine):
 a decode step is one matrix-vector product per weight matrix, so its speed is the speed at which the
 kernel streams the weights from memory. PyTorch's `F.linear` on fp32 CPU calls MKL's GEMM, which for a
-single row (M = 1) reached only 12-21 GB/s there, while a plain `tensor.sum()` reads memory at ~37-40 GB/s.
-oneDNN's matmul (bundled with PyTorch, the kernel `torch.compile` uses for CPU linears), called on the
-very same weight tensor, streamed 30-34 GB/s: close to the bandwidth floor of Pope et al. 2022.
+single row (M = 1) reached only 19-21 GB/s there, while a plain `tensor.sum()` reads memory at 32-56 GB/s
+(that VM's bandwidth drifts with its host's load). oneDNN's matmul (bundled with PyTorch, the kernel
+`torch.compile` uses for CPU linears), called on the very same weight tensor, streamed 35-47 GB/s: about
+what `sum()` got at the same moment, i.e. close to the bandwidth floor of Pope et al. 2022.
+
+But not for every matrix: for small ones (under ~1 MB, e.g. 288 x 288) MKL's fixed cost per call is lower
+(8 us vs 20 us, measured), and a small model's decode step is mostly such calls. Measured in decode loops on
+that machine, switching only the matrices of >= 1 MB made project 3's cpu model 35% faster per token than
+switching all of them (1.56 vs 2.41 ms/token), and never slower on the stories15M or TinyLlama shapes.
 
 IMPLEMENTATION
-`use_onednn_linear(model)` switches each nn.Linear of a model to a subclass whose forward calls
-`torch.ops.mkldnn._linear_pointwise` when it is safe (CPU, fp32, no autograd), and F.linear otherwise.
+`use_onednn_linear(model)` switches each nn.Linear whose weight has at least `min_bytes` (default 1 MiB) to a
+subclass whose forward calls `torch.ops.mkldnn._linear_pointwise` when it is safe (CPU, fp32, no autograd),
+and F.linear otherwise.
 The parameters are untouched (same tensors, no copy, tied weights stay tied), so the model is the same
 model; `restore_linear(model)` switches back. If this PyTorch build has no oneDNN, nothing changes.
 Numerics: a different summation order, so results differ from MKL's in the last bits (~1e-7 relative).
@@ -44,13 +51,17 @@ class OneDNNLinear(nn.Linear):
         return y.view(*x.shape[:-1], w.shape[0])
 
 
-def use_onednn_linear(model: nn.Module) -> int:
-    """Switch every plain nn.Linear of `model` to OneDNNLinear in place; returns how many were switched."""
+MIN_BYTES = 1 << 20  # below this, MKL's F.linear has the lower cost per call (see above)
+
+
+def use_onednn_linear(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
+    """Switch every plain nn.Linear of `model` whose weight has >= min_bytes to OneDNNLinear, in place;
+    returns how many were switched."""
     if not onednn_available():
         return 0
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear:
+        if type(m) is nn.Linear and m.weight.numel() * m.weight.element_size() >= min_bytes:
             m.__class__ = OneDNNLinear
             n += 1
     return n

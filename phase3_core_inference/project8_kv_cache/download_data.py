@@ -14,9 +14,10 @@ from pathlib import Path
 
 from course.download import fetch_file
 from course.errors import CourseError, run_cli
+from course.paths import REPO_ROOT
 
 BASE_URL = "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/"
-DEST = Path("data/stories260k")
+DEST = REPO_ROOT / "data" / "stories260k"
 FILES = {
     "stories260K.bin": (1_056_540, "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"),
     "tok512.bin": (6_227, "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312"),

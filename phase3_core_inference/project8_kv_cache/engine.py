@@ -17,14 +17,13 @@ IMPLEMENTATION
 - One KVCache preallocated for the whole context (no growing, no reallocation per token).
 - `self.tokens` records exactly which tokens have their keys/values in the cache, so a chat turn only
   prefills what is new: the longest common prefix with the new prompt is kept (`crop`), the rest prefilled.
-- On CPU in fp32 the model's Linear layers run oneDNN's matmul instead of MKL's (cpu_kernels.py): the same
-  weights, streamed from memory ~1.5-2.5x faster at batch 1.
+- On CPU in fp32 the model's large Linear layers (>= 1 MB) run oneDNN's matmul instead of MKL's
+  (cpu_kernels.py): the same weights, streamed from memory ~2x faster at batch 1.
 - Decode runs under torch.inference_mode(), greedy is a plain argmax, and the history needed by the
   repetition penalty is a preallocated id buffer, so a decode step allocates only activations.
 
-Ragged batches (prompts of different lengths in one batch) would need left padding + an attention mask or
-per-row start positions; project 3's model takes neither, so batched generation here takes prompts of equal
-length, and prompts of different lengths are generated one per call (see test_kv_cache.py).
+Ragged batches (prompts of different lengths in one batch) are left-padded (`left_pad_batch`): the model
+gives each row its own RoPE positions and masks the padding slots (project 3's `Llama.ragged_rope_and_mask`).
 """
 
 from __future__ import annotations
@@ -163,13 +162,28 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
+def left_pad_batch(prompts: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (idx (B, T_max), left_pad (B,)), each row right-aligned.
+
+    The padding slots are masked out by the model, so their ids do not matter; we repeat each row's first
+    token there, so that the repetition penalty (which looks at the set of ids so far) sees nothing new.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise CourseError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[p[0]] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
+
+
 @torch.inference_mode()
 def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
                     params: SamplingParams | None = None, generator: torch.Generator | None = None,
-                    return_logits: bool = False):
-    """Batched generation (B, T) -> (B, T + max_new_tokens) with a KV cache; rows must share the prompt length.
+                    return_logits: bool = False, left_pad: torch.Tensor | None = None):
+    """Batched generation (B, T) -> (B, T + max_new_tokens) with a KV cache.
 
-    With return_logits, also returns the list of (B, vocab) logits each new token was chosen from.
+    Rows of different prompt lengths come left-padded (left_pad_batch): row b's first left_pad[b] slots are
+    padding, masked out at every step. With return_logits, also returns the list of (B, vocab) logits each
+    new token was chosen from.
     """
     params = (params or GREEDY).check()
     B, T = idx.shape
@@ -177,7 +191,7 @@ def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: i
     cache = KVCache.for_model(model.config, batch=B, max_len=T + max_new_tokens, dtype=p.dtype, device=idx.device)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx
-    logits = model(idx, kv_cache=cache, start_pos=0)[0][:, -1]
+    logits = model(idx, kv_cache=cache, start_pos=0, left_pad=left_pad)[0][:, -1]
     seen = []
     for i in range(max_new_tokens):
         pos = T + i
@@ -185,7 +199,7 @@ def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: i
         nxt = sample_token(logits, params, out[:, :pos] if params.repetition_penalty != 1.0 else None, generator)
         out[:, pos] = nxt[:, 0]
         if i + 1 < max_new_tokens:
-            logits = model(nxt, kv_cache=cache, start_pos=pos)[0][:, -1]
+            logits = model(nxt, kv_cache=cache, start_pos=pos, left_pad=left_pad)[0][:, -1]
     return (out, seen) if return_logits else out
 
 

@@ -49,13 +49,22 @@ def render_chat(template: str, messages: list[dict], tokenizer, add_generation_p
 
 
 # ---- the command ----------------------------------------------------------------------------------
+DEFAULT_NEW_TOKENS = 256
+
+
+def new_token_budget(cfg: GenerateConfig, engine: Engine, prompt_len: int) -> int:
+    """--max_new_tokens if given (the engine refuses it with one line if it does not fit), else up to 256
+    tokens, as many as the context window leaves after the prompt."""
+    return cfg.max_new_tokens or max(1, min(DEFAULT_NEW_TOKENS, engine.max_len - prompt_len))
+
+
 def stream(engine: Engine, tokenizer, prompt_ids: list[int], cfg: GenerateConfig, params: SamplingParams,
-           gen: torch.Generator, reuse_cache: bool = False) -> tuple[str, list[int]]:
-    """Generate and print as tokens decode; return (text, ids)."""
+           gen: torch.Generator, reuse_cache: bool = False, stop: set[int] = frozenset()) -> tuple[str, list[int]]:
+    """Generate and print as tokens decode, until max_new_tokens or a stop id; return (text, ids)."""
     out = TextStream(tokenizer, prev_id=prompt_ids[-1])
-    stop = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
     text, ids = [], []
-    for tok in engine.generate(prompt_ids, cfg.max_new_tokens, params, gen, stop_ids=stop, reuse_cache=reuse_cache):
+    n = new_token_budget(cfg, engine, len(prompt_ids))
+    for tok in engine.generate(prompt_ids, n, params, gen, stop_ids=stop, reuse_cache=reuse_cache):
         ids.append(tok)
         piece = out.push(tok)
         text.append(piece)
@@ -73,7 +82,17 @@ def summary(engine: Engine) -> str:
             f"{engine.cache.nbytes / 2**20:.2f} MiB]")
 
 
-def chat_loop(engine: Engine, tokenizer, cfg: GenerateConfig, params: SamplingParams, gen: torch.Generator) -> None:
+def stop_ids(tokenizer, kind: str) -> set[int]:
+    """EOS ends a reply. llama2.c models also stop at BOS, as llama2.c's run.c does: they were trained on
+    stories each starting with BOS, so a BOS means the next, unrelated story is about to begin."""
+    stop = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    if kind == "llama2c" and tokenizer.bos_id is not None:
+        stop.add(tokenizer.bos_id)
+    return stop
+
+
+def chat_loop(engine: Engine, tokenizer, cfg: GenerateConfig, params: SamplingParams, gen: torch.Generator,
+              stop: set[int]) -> None:
     if not tokenizer.chat_template:
         raise CourseError(f"{cfg.model} has no chat template (chat_template in tokenizer_config.json); "
                           "use --prompt or --interactive instead of --chat")
@@ -91,7 +110,7 @@ def chat_loop(engine: Engine, tokenizer, cfg: GenerateConfig, params: SamplingPa
         text = render_chat(tokenizer.chat_template, messages, tokenizer)
         ids = tokenizer.encode(text, bos=False, allowed_special="all")
         try:
-            reply, _ = stream(engine, tokenizer, ids, cfg, params, gen, reuse_cache=True)
+            reply, _ = stream(engine, tokenizer, ids, cfg, params, gen, reuse_cache=True, stop=stop)
         except CourseError as e:  # the conversation outgrew the context: say so, keep the session
             print(f"error: {e}; press Enter on an empty line to start a new conversation", file=sys.stderr)
             messages.pop()
@@ -116,15 +135,15 @@ def main() -> None:
                           "pass the tokenizer that belongs to this model with --tokenizer")
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
     engine = Engine(loaded.model, max_len=max_len, onednn=cfg.onednn)
-    params = SamplingParams(cfg.temperature, cfg.top_k or None, cfg.top_p, cfg.min_p or None,
-                            cfg.repetition_penalty).check()
+    params = cfg.sampling().check()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     n = sum(p.numel() for p in loaded.model.parameters())
     print(f"[{loaded.kind} model {loaded.path} ({n / 1e6:.2f}M params, {mcfg.n_layer} layers, "
           f"{mcfg.n_head}/{mcfg.n_kv_head} q/kv heads, context {mcfg.block_size}) on {device}, {cfg.dtype}; "
           f"tokenizer {tokenizer.name}; linear kernels: {'oneDNN' if engine.onednn else 'default'}]", file=sys.stderr)
+    stop = stop_ids(tokenizer, loaded.kind)
     if cfg.chat:
-        chat_loop(engine, tokenizer, cfg, params, gen)
+        chat_loop(engine, tokenizer, cfg, params, gen, stop)
         return
     prompts = (line.rstrip("\n") for line in sys.stdin) if cfg.interactive else [cfg.prompt]
     if cfg.interactive:
@@ -135,7 +154,7 @@ def main() -> None:
             raise CourseError("this tokenizer has no BOS token: give a --prompt")
         if prompt:
             print(prompt, end="", flush=True)
-        stream(engine, tokenizer, ids, cfg, params, gen)
+        stream(engine, tokenizer, ids, cfg, params, gen, stop=stop)
         print(summary(engine), file=sys.stderr)
     s = engine.stats
     print(f"done: {s.new_tokens} tokens, {s.decode_tok_s:.1f} tok/s decode ({s.total_tok_s:.1f} tok/s incl. prefill)",

@@ -83,6 +83,10 @@ class KVCache:
                               "use a shorter prompt or fewer new tokens")
         if start_pos < 0:
             raise CourseError(f"start_pos ({start_pos}) must be >= 0")
+        if start_pos > self.length:
+            # positions length .. start_pos-1 were never written: attention would read stale or zero K/V
+            raise CourseError(f"start_pos ({start_pos}) is past the {self.length} cached tokens; the cache would "
+                              "have a gap: write positions in order (or crop first)")
         kc, vc = self.k[layer], self.v[layer]
         if k.shape[0] != self.batch or k.shape[1] != self.n_kv_heads or k.shape[3] != self.head_dim:
             raise CourseError(f"KV cache expects k of shape ({self.batch}, {self.n_kv_heads}, T, {self.head_dim}), "

@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from course.checkpoint import load_checkpoint
 from course.errors import CourseError
+from course.paths import REPO_ROOT, repo_path
 from phase1_foundation.project3_pretrain.hf_interop import import_hf
-from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
+from phase1_foundation.project3_pretrain.model import Llama
 from phase3_core_inference.project8_kv_cache.llama2c import load_llama2c, read_llama2c_header
 from phase3_core_inference.project8_kv_cache.tokenizer_io import load_hf_tokenizer, load_llama2c_tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-DEFAULT_COURSE_TOKENIZER = Path("checkpoints/project2/tokenizer.pkl")
+DEFAULT_COURSE_TOKENIZER = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Loaded:
     kind: str            # "ours" | "hf" | "llama2c"
     folder: Path | None  # HF folder (for tokenizer.json / tokenizer_config.json)
     path: Path
+    tokenizer: Path | None = None  # ours: the tokenizer copy its training data was made with
 
 
 def _first_line(e: BaseException) -> str:
@@ -57,25 +58,15 @@ def hub_download(repo_id: str) -> Path:
                           "to --model") from None
 
 
-def _load_ours(path: Path) -> Llama:
-    ckpt = load_checkpoint(path, map_location="cpu", hint="train one with phase1_foundation/project3_pretrain/train.py")
-    state = ckpt.get("model_state_dict") or ckpt.get("model")
-    cfg = ckpt.get("model_config") or ckpt.get("config")
-    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
-        cfg = cfg["model"]
-    if not isinstance(state, dict) or not isinstance(cfg, dict):
-        raise CourseError(f"{path} is not a project 3 checkpoint (needs 'model_state_dict' and a model config)")
-    if "n_kv_head" not in cfg:
-        raise CourseError(f"{path} holds a project 1 GPT, not a project 3 Llama; the KV-cache engine needs a Llama")
-    config = LlamaConfig.from_dict(cfg).validate_config()
-    model = Llama(config)
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile'd checkpoints
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CourseError(f"{path}: the weights do not match the config stored with them "
-                          f"({_first_line(e)[:200]})") from None
-    return model.eval()
+def _load_ours(path: Path) -> tuple[Llama, Path | None]:
+    """Project 3's own loader (shape checks that name the tensor), plus the tokenizer its data was made with."""
+    from phase1_foundation.project3_pretrain.generate import load_any
+
+    model, tokenizer = load_any(str(path), None, torch.device("cpu"))
+    if not isinstance(model, Llama):
+        raise CourseError(f"{path} holds project 1's GPT (train.py --arch gpt), not a Llama; the KV-cache engine "
+                          "runs the LLaMA architecture: pass checkpoints/project3/cpu/ckpt.pt or an HF folder")
+    return model, tokenizer
 
 
 def _load_llama2c_model(path: Path) -> Llama:
@@ -88,7 +79,7 @@ def _load_llama2c_model(path: Path) -> Llama:
 
 
 def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
-    path = Path(spec).expanduser()
+    path = repo_path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CourseError(f"{path} is a folder without config.json; --model takes a Hugging Face LLaMA folder, "
@@ -96,7 +87,8 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
         loaded = Loaded(import_hf(path), "hf", path, path)
     elif path.is_file():
         if path.suffix == ".pt":
-            loaded = Loaded(_load_ours(path), "ours", None, path)
+            model, tok_path = _load_ours(path)
+            loaded = Loaded(model, "ours", None, path, tok_path)
         elif path.suffix == ".bin":
             read_llama2c_header(path)  # a clear error if it is not one
             loaded = Loaded(_load_llama2c_model(path), "llama2c", None, path)
@@ -139,6 +131,8 @@ def load_tokenizer_for(loaded: Loaded, spec: str | None = None):
         if len(candidates) == 1:
             return load_llama2c_tokenizer(candidates[0], loaded.model.config.vocab_size)
         raise CourseError(f"pass the llama2.c tokenizer of {loaded.path.name} with --tokenizer (e.g. tok512.bin)")
+    if loaded.tokenizer is not None:
+        return course_tokenizer(loaded.tokenizer)
     if DEFAULT_COURSE_TOKENIZER.is_file():
         return course_tokenizer(DEFAULT_COURSE_TOKENIZER)
     raise CourseError(f"no tokenizer given and {DEFAULT_COURSE_TOKENIZER} does not exist; train it with project 2 "

@@ -68,7 +68,8 @@ class SamplingParams:
     min_p: float | None = None
     repetition_penalty: float = 1.0
 
-    def check(self) -> "SamplingParams":
+    def problems(self) -> list[str]:
+        """One message per bad setting (GenerateConfig.check shows them beside its own)."""
         errors = []
         if self.temperature < 0:
             errors.append(f"temperature ({self.temperature}) must be >= 0 (0 = greedy)")
@@ -80,6 +81,10 @@ class SamplingParams:
             errors.append(f"min_p ({self.min_p}) must be in [0, 1]")
         if self.repetition_penalty <= 0:
             errors.append(f"repetition_penalty ({self.repetition_penalty}) must be > 0 (1.0 = off)")
+        return errors
+
+    def check(self) -> "SamplingParams":
+        errors = self.problems()
         if errors:
             raise ConfigError("invalid sampling settings: " + "; ".join(errors))
         return self
