@@ -151,6 +151,8 @@ class BaseConfig:
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
         """Add --preset and one --<field> flag per config field to an argparse parser."""
+        # No prefix abbreviations: with them `--lr=1000` would silently set --lr_decay_iters.
+        parser.allow_abbrev = False
         group = parser.add_argument_group(f"{cls.__name__} (any field can be overridden, e.g. --field=value)")
         if cls.PRESETS:
             group.add_argument("--preset", choices=list(cls.PRESETS), default=default_preset,

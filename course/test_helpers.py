@@ -188,3 +188,13 @@ def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
     finally:
         os.umask(umask)
+
+
+def test_config_flags_are_never_abbreviated():
+    """`--n_l` must not silently mean `--n_layer` (argparse's prefix matching): a typo or a guessed name
+    such as `--lr` for `--lr_decay_iters` would otherwise change another setting."""
+    parser = argparse.ArgumentParser()
+    ToyConfig.add_args(parser)
+    assert parser.parse_args(["--n_layer=10"]).cfg__n_layer == 10
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--n_l=10"])  # an unambiguous prefix: argparse would accept it
