@@ -25,8 +25,8 @@ from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project3_pretrain.config import LlamaConfig
-from phase1_foundation.project3_pretrain.flops import flops_per_token, gpu_peak, measure_matmul_peak
-from phase1_foundation.project3_pretrain.train import build_model, count_params, read_log
+from phase1_foundation.project3_pretrain.flops import gpu_peak, measure_matmul_peak
+from phase1_foundation.project3_pretrain.train import build_model, count_params, model_flops_per_token, read_log
 
 RUNS = {"LLaMA-style (cpu preset)": "checkpoints/project3/cpu", "GPT (project 1 arch)": "checkpoints/project3/gpt"}
 
@@ -67,8 +67,7 @@ def bench_train(arch: str, cfg: LlamaConfig, device: torch.device, batch_size: i
         step()
     sync()
     dt = time.perf_counter() - t0
-    head_dim = cfg.hd if arch == "llama" else cfg.n_embd // cfg.n_head
-    fpt = flops_per_token(model, cfg.n_layer, cfg.n_head, head_dim, cfg.block_size)
+    fpt = model_flops_per_token(arch, model, cfg)
     tok_s = batch_size * cfg.block_size * steps / dt
     out = {"arch": arch, "params": count_params(model), "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak,
            "flops_per_token": fpt, "step_s": dt / steps}
@@ -89,8 +88,7 @@ def compare(out_png: Path, peak: float | None) -> list[dict]:
         cfg = LlamaConfig.from_dict(ckpt["model_config"])
         with torch.device("meta"):
             model = build_model(ckpt["arch"], cfg)
-        head_dim = cfg.hd if ckpt["arch"] == "llama" else cfg.n_embd // cfg.n_head
-        fpt = flops_per_token(model, cfg.n_layer, cfg.n_head, head_dim, cfg.block_size)
+        fpt = model_flops_per_token(ckpt["arch"], model, cfg)
         tok_s = tr[-1]["tokens_per_s"] if tr else float("nan")
         last = ev[-1]
         rows.append({"name": name, "params": count_params(model), "iters": last["iter"], "tokens": last["tokens"],

@@ -21,6 +21,7 @@ import torch
 
 from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
+from course.paths import repo_path
 from phase1_foundation.project1_minimal_gpt.generate import stream_tokens
 from phase1_foundation.project2_tokenizer.tokenizer import load_tokenizer
 from phase1_foundation.project3_pretrain.hf_interop import import_hf
@@ -52,8 +53,8 @@ def load_any(ckpt: str | None, hf_dir: str | None, device: torch.device) -> tupl
         return import_hf(hf_dir).to(device), (tok if tok.is_file() else None)
     model, state = load_model_from_checkpoint(ckpt or DEFAULT_CKPT, device)
     tok = state.get("data_meta", {}).get("tokenizer")
-    # the copy prepare_data.py keeps next to the shards; a relative path is relative to the repo root
-    for cand in ([Path(tok), REPO_ROOT / tok] if tok else []) + [REPO_ROOT / "data" / "project3" / "tokenizer.pkl"]:
+    # the copy prepare_data.py keeps next to the shards (stored relative to the repo root)
+    for cand in ([repo_path(tok)] if tok else []) + [REPO_ROOT / "data" / "project3" / "tokenizer.pkl"]:
         if cand.is_file():
             return model, cand
     return model, None

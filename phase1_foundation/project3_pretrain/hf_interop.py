@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save
 
 from course.checkpoint import atomic_write, atomic_write_json
 from course.errors import CourseError
+from course.paths import repo_path
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
@@ -261,7 +262,6 @@ def main() -> None:
         raise CourseError(f"{args.ckpt} holds a {type(model).__name__}; only the LLaMA architecture exports to HF")
     tok_path = Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER)
     tok = load_matching_tokenizer(tok_path, model)
-    from course.paths import repo_path
     out = export_hf(model, repo_path(args.out_dir), tok_path)
     print(f"exported {model.num_params():,} parameters to {out}/ (config.json, model.safetensors, tokenizer.pkl)")
     if args.no_check:

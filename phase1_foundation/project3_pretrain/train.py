@@ -114,6 +114,12 @@ def build_model(arch: str, cfg: LlamaConfig) -> torch.nn.Module:
     return Llama(cfg)
 
 
+def model_flops_per_token(arch: str, model: torch.nn.Module, cfg: LlamaConfig) -> float:
+    """Training FLOPs per token of either architecture at the config's context (flops.py: 6N + attention)."""
+    head_dim = cfg.hd if arch == "llama" else cfg.n_embd // cfg.n_head
+    return flops_per_token(model, cfg.n_layer, cfg.n_head, head_dim, cfg.block_size)
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # a tied matrix appears once
 
@@ -224,8 +230,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
     start_iter = it
 
     n_params = count_params(model)
-    head_dim = mcfg.hd if tcfg.arch == "llama" else mcfg.n_embd // mcfg.n_head
-    fpt = flops_per_token(model, mcfg.n_layer, mcfg.n_head, head_dim, mcfg.block_size)
+    fpt = model_flops_per_token(tcfg.arch, model, mcfg)
     peak, peak_src = peak_flops(tcfg, dev, dtype)
     tokens_per_iter = tcfg.batch_size * tcfg.grad_accum * mcfg.block_size
     print(f"{tcfg.arch}: {n_params:,} parameters | {fpt / 1e6:.1f} MFLOP/token | device {device_summary(dev)} "
@@ -266,7 +271,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
     last_eval: dict = {}
     step_time, steps_done, tokens_timed, loss_acc = 0.0, 0, 0, None
     t_loop = time.perf_counter()
-    bar = tqdm(total=horizon if budget is None else tcfg.max_iters, initial=it, desc=f"train {tcfg.arch}", unit="it", disable=not progress,
+    bar = tqdm(total=tcfg.max_iters, initial=it, desc=f"train {tcfg.arch}", unit="it", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     model.train()
     while True:
