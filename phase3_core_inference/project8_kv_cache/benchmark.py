@@ -33,11 +33,12 @@ import torch
 
 from course.device import machine_summary, set_seed
 from course.errors import CourseError, run_cli
+from course.paths import REPO_ROOT
 from course.plots import plot_curves
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
 from phase3_core_inference.project8_kv_cache.engine import Engine, generate_nocache
 
-OUT = Path(__file__).resolve().parents[2] / "checkpoints" / "project8" / "bench"
+OUT = REPO_ROOT / "checkpoints" / "project8" / "bench"
 SHAPES = {  # name: LlamaConfig overrides (vocab 32000 = the LLaMA-2 tokenizer)
     "stories15M": dict(n_embd=288, n_layer=6, n_head=6, n_kv_head=6, intermediate_size=768, vocab_size=32000,
                        tie_embeddings=True, block_size=256),
@@ -48,24 +49,19 @@ QUICK_SHAPES = {"tiny": dict(n_embd=64, n_layer=2, n_head=4, n_kv_head=2, interm
                              tie_embeddings=True, block_size=256)}
 
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 3) -> dict[str, float]:
-    """Read bandwidth (the best of three streaming reductions over a big tensor: sum, amax, dot) and copy
-    bandwidth (read + write), GB/s, best of `repeats`."""
-    n = int(gib * 2**30 / 4)
-    x = torch.ones(n, dtype=torch.float32)
-    y = torch.empty_like(x)
-    read, copy = 0.0, 0.0
+def measure_bandwidth(gib: float = 1.0, repeats: int = 1) -> float:
+    """Read bandwidth in GB/s: the best of three streaming reductions over a big tensor (sum, amax, dot),
+    `repeats` times each."""
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    read = 0.0
     for _ in range(repeats):
         for reduce in (torch.sum, torch.amax, lambda t: torch.dot(t, t)):
             t = time.perf_counter()
             reduce(x)
             read = max(read, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-        t = time.perf_counter()
-        y.copy_(x)
-        copy = max(copy, 2 * x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-    del x, y
+    del x
     gc.collect()
-    return {"read_GBps": read, "copy_GBps": copy}
+    return read
 
 
 class Bandwidth:
@@ -75,7 +71,7 @@ class Bandwidth:
         self.gib, self.samples = gib, []
 
     def sample(self) -> float:
-        self.samples.append(measure_bandwidth(self.gib, repeats=1)["read_GBps"])
+        self.samples.append(measure_bandwidth(self.gib))
         return self.samples[-1]
 
     @property
