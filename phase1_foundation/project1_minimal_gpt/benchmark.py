@@ -30,11 +30,11 @@ import torch
 from course.checkpoint import atomic_write_text
 from course.device import set_seed
 from course.errors import CourseError, run_cli
+from course.paths import REPO_ROOT
 from phase1_foundation.project1_minimal_gpt.generate import generate_text, load_model
 from phase1_foundation.project1_minimal_gpt.train import DEFAULT_OUT_DIR, encode, load_text, split_data
 
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
 NANOGPT_CPU = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
                "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
                # the rest of nanoGPT's config/train_shakespeare_char.py + its README's CPU flags

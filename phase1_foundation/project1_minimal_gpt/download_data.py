@@ -14,8 +14,8 @@ from pathlib import Path
 
 from course.download import fetch_file
 from course.errors import CourseError, run_cli
+from course.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_PATH = REPO_ROOT / "data" / "shakespeare.txt"
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SIZE = 1_115_394

@@ -35,12 +35,12 @@ from course.checkpoint import (atomic_write_json, capture_rng_state, load_checkp
                                save_checkpoint)
 from course.device import device_summary, get_device, set_seed
 from course.errors import ConfigError, CourseError, run_cli
+from course.paths import REPO_ROOT
 from course.plots import plot_curves
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.download_data import DATA_PATH, ensure_data
 from phase1_foundation.project1_minimal_gpt.model import GPT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "checkpoints" / "project1"
 TRAIN_CMD = "uv run python phase1_foundation/project1_minimal_gpt/train.py"
 # Fields that fix the network's shape: a resumed run cannot change them.

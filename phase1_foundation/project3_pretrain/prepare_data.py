@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from course.checkpoint import atomic_write, atomic_write_json
 from course.errors import CourseError, run_cli
+from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.data import gutenberg_files, read_gutenberg
 from phase1_foundation.project2_tokenizer.tokenizer import load_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 GUTENBERG_DIR = REPO_ROOT / "data" / "gutenberg"
 OUT_DIR = REPO_ROOT / "data" / "project3"
 TOKENIZER_PATH = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
