@@ -34,7 +34,8 @@ class GenerateConfig(BaseConfig):
     device: str = "auto"
     dtype: str = "float32"
     max_len: int = 0              # KV cache length; 0 = the model's context window
-    onednn: bool = True           # CPU fp32: Linear layers through oneDNN's matmul (faster at batch 1)
+    fast_kernels: bool = True     # CPU fp32: the decode kernels of cpu_kernels.py (False = PyTorch's defaults)
+    compile: str = "auto"         # ... compiled by torch.compile: auto (models >= 16 MiB) | true | false
 
     PRESETS: ClassVar[dict] = {
         "cpu": dict(device="cpu", dtype="float32"),
@@ -46,11 +47,15 @@ class GenerateConfig(BaseConfig):
         return SamplingParams(self.temperature, self.top_k or None, self.top_p, self.min_p or None,
                               self.repetition_penalty)
 
+    def compile_choice(self) -> bool | None:
+        return {"auto": None, "true": True, "false": False}.get(self.compile)
+
     def check(self) -> list[str]:
         errors = super().check()
         if self.max_new_tokens < 0:
             errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 0 (0 = as many as fit, up to 256)")
         self.check_choice(errors, "dtype", DTYPES)
+        self.check_choice(errors, "compile", ("auto", "true", "false"))
         errors += self.sampling().problems()
         if self.max_len < 0:
             errors.append(f"max_len ({self.max_len}) must be >= 0 (0 = the model's context window)")

@@ -1,73 +1,172 @@
-"""A faster matrix-vector kernel for CPU decoding: route the model's Linear layers through oneDNN.
+"""Decode kernels for the CPU: stream the weights at memory speed, and call into Python fewer times per token.
 
-WHY (measured by benchmark.py, and first by hand on this course's 2-core AMD EPYC machine):
-a decode step is one matrix-vector product per weight matrix, so its speed is the speed at which the
-kernel streams the weights from memory. PyTorch's `F.linear` on fp32 CPU calls MKL's GEMM, which for a
-single row (M = 1) reached only 19-21 GB/s there, while a plain `tensor.sum()` reads memory at 32-56 GB/s
-(that VM's bandwidth drifts with its host's load). oneDNN's matmul (bundled with PyTorch, the kernel
-`torch.compile` uses for CPU linears), called on the very same weight tensor, streamed 35-47 GB/s: about
-what `sum()` got at the same moment, i.e. close to the bandwidth floor of Pope et al. 2022.
+PAPERS / PRIOR ART
+- Pope et al. 2022, "Efficiently Scaling Transformer Inference": at batch 1 a decode step is one
+  matrix-vector product per weight matrix, so its speed is the speed at which the weights stream from memory.
+- gpt-fast (PyTorch team, 2023): `torch.compile` the decode step instead of writing kernels by hand.
 
-But not for every matrix: for small ones (under ~1 MB, e.g. 288 x 288) MKL's fixed cost per call is lower
-(8 us vs 20 us, measured), and a small model's decode step is mostly such calls. Measured in decode loops on
-that machine, switching only the matrices of >= 1 MB made project 3's cpu model 35% faster per token than
-switching all of them (1.56 vs 2.41 ms/token), and never slower on the stories15M or TinyLlama shapes.
+WHAT WE MEASURED (this course's 2-core AMD EPYC VM, fp32, weights cold in memory as in a real decode step of a
+model bigger than the CPU's cache; see the README)
+- `F.linear` on one row calls MKL's GEMM, which ran at 8-12 GB/s on ONE core (MKL takes generic code paths
+  on AMD CPUs), 1 and 2 threads alike. oneDNN's matmul used both cores: 10-20 GB/s. `w.sum()` read the very
+  same matrices at ~28 GB/s. The kernel, not the memory, was the limit.
+- A small model's decode step is also ~400 small ops, each costing a few microseconds of Python and dispatch.
+
+INTUITION
+A matrix-vector product is a reduction: y_i = sum_j W_ij x_j, i.e. `(W * x).sum(-1)`. Eager PyTorch would
+materialise W * x (a second pass over memory); torch.compile (inductor) instead emits ONE C++ loop, vectorised
+and split across the cores, that reads each weight once and keeps the running sums in registers: 21-29 GB/s
+on those matrices, 1.5-2x oneDNN, about what `sum()` gets. Compiling a whole region (a block's q/k/v
+projections with RoPE; its SwiGLU MLP) runs its products and elementwise ops in one call, and fuses the gate
+(silu(w1 x) * w3 x) into the same C++ code.
 
 IMPLEMENTATION
-`use_onednn_linear(model)` switches each nn.Linear whose weight has at least `min_bytes` (default 1 MiB) to a
-subclass whose forward calls `torch.ops.mkldnn._linear_pointwise` when it is safe (CPU, fp32, no autograd),
-and F.linear otherwise.
-The parameters are untouched (same tensors, no copy, tied weights stay tied), so the model is the same
-model; `restore_linear(model)` switches back. If this PyTorch build has no oneDNN, nothing changes.
-Numerics: a different summation order, so results differ from MKL's in the last bits (~1e-7 relative).
+`prepare_for_decode(model)` changes the model in place, without copying a weight:
+- every nn.Linear becomes a DecodeLinear (same parameters: tied weights stay tied, the state dict is unchanged):
+  one input row (a batch-1 decode step), CPU fp32, no autograd -> the compiled reduction; more rows (prefill,
+  batches, or every call when compiling is off) -> oneDNN for matrices >= 1 MiB (2-3x MKL there), MKL's
+  F.linear below (its cost per call is lower); anything else (GPU, bf16, training) -> plain F.linear.
+- each block's `attn.qkv` and `mlp` are compiled as regions, used only for one-row inputs. Prefill stays
+  eager: its products are matrix-matrix (compute-bound, already fast), and compiling them would mean a new
+  compile for every prompt length.
+Compiling costs seconds at start-up (~8 s here, with inductor's on-disk cache warm), so by default
+(`compile=None`) it is done only for models of >= 16 MiB of weights: those that do not fit in the CPU's cache
+and stream from memory at every step, where it pays (stories15M: 1.5x+). A 1 MB model such as stories260K sits
+in the cache, where MKL is already fast and compiling buys nothing measurable.
+`restore(model)` undoes both. Compiling needs a C++ compiler; where torch.compile cannot build a kernel,
+`decode_compile_works()` is False and the decode path uses oneDNN instead (one warning).
+Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at 1e-5).
+WHY NOT COMPILE THE WHOLE STEP: the KV cache is read up to a position that grows every step, a shape that
+changes per token; compiling around it needs a mask over the whole preallocated cache (gpt-fast's way) and
+makes the model harder to read. The regions above hold ~90% of the weights and most of the small ops.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+MIN_BYTES = 1 << 20  # prefill: oneDNN for matrices of at least this many bytes, MKL below (lower cost per call)
+AUTO_COMPILE_BYTES = 16 << 20  # compile=None: compile the decode path for models with at least this many weight bytes
 
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (1, in), w (out, in) -> (out,): the matrix-vector product w @ x[0], written as the reduction it is.
+
+    Eager, this allocates W * x; compiled (compiled_gemv) it is one streaming loop.
+    """
+    return (w * x).sum(-1)
+
+
+@functools.cache
+def compiled_gemv():
+    return torch.compile(gemv, dynamic=False)
+
+
+@functools.cache
 def onednn_available() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
         x, w = torch.randn(1, 8), torch.randn(4, 8)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return torch.allclose(y, F.linear(x, w), atol=1e-5)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w),
+                              atol=1e-5)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
-class OneDNNLinear(nn.Linear):
-    """nn.Linear whose inference forward on CPU fp32 runs oneDNN's matmul (same weights)."""
+@functools.cache
+def decode_compile_works() -> bool:
+    """Can torch.compile build CPU kernels here (it needs a C++ compiler)? Checked once per process."""
+    try:
+        with torch.no_grad():
+            x, w = torch.randn(1, 8), torch.randn(4, 8)
+            return torch.allclose(compiled_gemv()(x, w), F.linear(x, w), atol=1e-5)
+    except Exception as e:  # noqa: BLE001 - any failure of the compiler stack means: do not use it
+        warnings.warn(f"torch.compile cannot build CPU kernels here ({type(e).__name__}); decoding uses "
+                      "oneDNN's matmul instead (slower, same results)", stacklevel=2)
+        return False
+
+
+def _fast_path(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not torch.is_grad_enabled())
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear with the kernel chosen per call: see the module docstring. Same weights, same results."""
+
+    compiled = True  # class defaults; prepare_for_decode sets them per instance
+    onednn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_grad_enabled():
+        if self.bias is not None or not _fast_path(x, w):
             return F.linear(x, w, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], w.shape[0])
+        if self.compiled and x.shape[:-1].numel() == 1:
+            # inside a compiled region the plain reduction is traced and fused there; outside, call its kernel
+            fn = gemv if torch.compiler.is_compiling() else compiled_gemv()
+            return fn(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+        if self.onednn:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
+            return y.view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w)
 
 
-MIN_BYTES = 1 << 20  # below this, MKL's F.linear has the lower cost per call (see above)
+class DecodeRegion:
+    """Calls `fn` compiled when its first argument is a single row (a batch-1 decode step), eager otherwise."""
+
+    def __init__(self, fn):
+        self.eager, self.compiled = fn, torch.compile(fn)
+
+    def __call__(self, x: torch.Tensor, *args):
+        if x.shape[:-1].numel() == 1 and _fast_path(x, x):  # x stands for the weights too: fp32 models only
+            return self.compiled(x, *args)
+        return self.eager(x, *args)
 
 
-def use_onednn_linear(model: nn.Module, min_bytes: int = MIN_BYTES) -> int:
-    """Switch every plain nn.Linear of `model` whose weight has >= min_bytes to OneDNNLinear, in place;
-    returns how many were switched."""
-    if not onednn_available():
-        return 0
-    n = 0
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prepare_for_decode(model: nn.Module, compile: bool | None = None, min_bytes: int = MIN_BYTES) -> str:
+    """Switch `model` (project 3's Llama, on the CPU in fp32) to the decode kernels, in place.
+
+    compile: True / False, or None = only if the model has >= AUTO_COMPILE_BYTES of weights.
+    Returns what it set up: "compiled" (reduction kernels and compiled regions, plus oneDNN for prefill),
+    "oneDNN" (compile off or unavailable) or "default" (neither available: nothing changed).
+    """
+    if compile is None:
+        compile = weight_bytes(model) >= AUTO_COMPILE_BYTES
+    compile = compile and decode_compile_works()
+    onednn = onednn_available()
+    if not (compile or onednn):
+        return "default"
     for m in model.modules():
-        if type(m) is nn.Linear and m.weight.numel() * m.weight.element_size() >= min_bytes:
-            m.__class__ = OneDNNLinear
-            n += 1
-    return n
+        if type(m) in (nn.Linear, DecodeLinear):
+            m.__class__ = DecodeLinear
+            m.compiled = compile
+            m.onednn = onednn and m.weight.numel() * m.weight.element_size() >= min_bytes
+    if compile:
+        for block in getattr(model, "layers", []):
+            if not isinstance(block.attn.qkv, DecodeRegion):
+                block.attn.qkv = DecodeRegion(block.attn.qkv)
+                block.mlp.forward = DecodeRegion(block.mlp.forward)
+    return "compiled" if compile else "oneDNN"
 
 
-def restore_linear(model: nn.Module) -> None:
+def restore(model: nn.Module) -> None:
+    """Undo prepare_for_decode: plain nn.Linear layers and eager regions again."""
     for m in model.modules():
-        if type(m) is OneDNNLinear:
+        if type(m) is DecodeLinear:
             m.__class__ = nn.Linear
+            for attr in ("compiled", "onednn"):
+                m.__dict__.pop(attr, None)
+    for block in getattr(model, "layers", []):
+        for mod, name in ((block.attn, "qkv"), (block.mlp, "forward")):
+            if isinstance(mod.__dict__.get(name), DecodeRegion):
+                del mod.__dict__[name]

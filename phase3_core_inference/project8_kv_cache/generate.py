@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from datetime import datetime
 
 import torch
@@ -134,13 +135,15 @@ def main() -> None:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size}; "
                           "pass the tokenizer that belongs to this model with --tokenizer")
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
-    engine = Engine(loaded.model, max_len=max_len, onednn=cfg.onednn)
+    t0 = time.perf_counter()
+    engine = Engine(loaded.model, max_len=max_len, fast_kernels=cfg.fast_kernels, compile=cfg.compile_choice())
+    kernels = engine.kernels + (f" ({time.perf_counter() - t0:.1f} s to compile)" if engine.kernels == "compiled" else "")
     params = cfg.sampling().check()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     n = sum(p.numel() for p in loaded.model.parameters())
     print(f"[{loaded.kind} model {loaded.path} ({n / 1e6:.2f}M params, {mcfg.n_layer} layers, "
           f"{mcfg.n_head}/{mcfg.n_kv_head} q/kv heads, context {mcfg.block_size}) on {device}, {cfg.dtype}; "
-          f"tokenizer {tokenizer.name}; linear kernels: {'oneDNN' if engine.onednn else 'default'}]", file=sys.stderr)
+          f"tokenizer {tokenizer.name}; decode kernels: {kernels}]", file=sys.stderr)
     stop = stop_ids(tokenizer, loaded.kind)
     if cfg.chat:
         chat_loop(engine, tokenizer, cfg, params, gen, stop)

@@ -1,8 +1,9 @@
 """The KV cache is exact: cached decoding gives the logits of a full recompute, and our greedy output
 equals `transformers` generate() token for token; real checkpoints (stories260K) reproduce their reference.
 
-Batches: rows of one batch share a prompt length (the model has no padding mask); prompts of different
-lengths are tested as separate runs (parametrised prompt_len), each with batch > 1.
+Batches: rows of one batch share a prompt length, or come left-padded (ragged batches, tested separately).
+Kernels: every exactness test also runs with project 8's decode kernels (cpu_kernels.py), which must not change
+the results beyond summation order (1e-5).
 
 Run: uv run pytest -q phase3_core_inference/project8_kv_cache/test_kv_cache.py
 As a script it prints a cache-size table for a few real model shapes:
@@ -19,8 +20,9 @@ import torch
 
 from course.errors import CourseError
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
-from phase3_core_inference.project8_kv_cache.cpu_kernels import (OneDNNLinear, onednn_available, restore_linear,
-                                                                 use_onednn_linear)
+from phase3_core_inference.project8_kv_cache.cpu_kernels import (DecodeLinear, DecodeRegion, compiled_gemv,
+                                                                 decode_compile_works, onednn_available,
+                                                                 prepare_for_decode, restore)
 from phase3_core_inference.project8_kv_cache.engine import Engine, generate_cached, generate_nocache, left_pad_batch
 from phase3_core_inference.project8_kv_cache.kv_cache import KVCache, kv_cache_bytes
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
@@ -100,13 +102,17 @@ def test_gqa_shrinks_the_cache_by_the_group_size():
 
 
 # ---- the model with the cache equals the model without it ---------------------------------------------
-@pytest.mark.parametrize("onednn", [False, True], ids=["default-kernels", "onednn"])
+needs_compile = pytest.mark.skipif(not decode_compile_works(),
+                                   reason="torch.compile cannot build CPU kernels here (no C++ compiler?)")
+
+
+@pytest.mark.parametrize("kernels", ["default", "oneDNN"])
 @pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (4, 2), (4, 1)])  # MHA, GQA, MQA
 @pytest.mark.parametrize("prompt_len", [1, 5, 16])
-def test_cached_logits_equal_full_recompute_at_every_step(n_head, n_kv_head, prompt_len, onednn):
+def test_cached_logits_equal_full_recompute_at_every_step(n_head, n_kv_head, prompt_len, kernels):
     model = tiny_llama(seed=prompt_len, n_head=n_head, n_kv_head=n_kv_head)
-    if onednn:
-        use_onednn_linear(model, min_bytes=0)  # every Linear, tiny as they are here
+    if kernels == "oneDNN":  # batch 3: more than one row, so the decode kernels pick oneDNN (every Linear here)
+        prepare_for_decode(model, compile=False, min_bytes=0)
     idx = torch.randint(0, 97, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     out, step_logits = generate_cached(model, idx, max_new_tokens=12, return_logits=True)
     with torch.no_grad():
@@ -157,22 +163,69 @@ def test_chunked_prefill_matches_and_no_cache_path_is_unchanged():
         assert torch.equal(model(idx, kv_cache=cache2, start_pos=0)[0], full)
 
 
+@needs_compile
+@pytest.mark.parametrize("out_f,in_f", [(13, 37), (64, 32), (300, 64), (5, 1000)])
+def test_compiled_gemv_equals_linear(out_f, in_f):
+    gen = torch.Generator().manual_seed(out_f * in_f)
+    x, w = torch.randn(1, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_gemv()(x, w), torch.nn.functional.linear(x, w)[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_compile
+@pytest.mark.parametrize("n_kv_head,tie", [(2, True), (1, False), (4, False)])
+def test_compiled_decode_equals_default_kernels_at_every_step(n_kv_head, tie):
+    """Batch 1, so every decode step takes the compiled path (reduction kernels and compiled regions).
+    (The engine compiles only models of >= 16 MiB by default; compile=True forces it on this tiny one.)"""
+    ref = tiny_llama(seed=8 + n_kv_head, n_kv_head=n_kv_head, tie_embeddings=tie)
+    model = tiny_llama(seed=8 + n_kv_head, n_kv_head=n_kv_head, tie_embeddings=tie)
+    assert prepare_for_decode(model, compile=True) == "compiled"
+    assert isinstance(model.layers[0].attn.qkv, DecodeRegion) and type(model.lm_head) is DecodeLinear
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(n_kv_head))
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    out, steps = generate_cached(model, idx, max_new_tokens=10, return_logits=True)
+    ref_out, ref_steps = generate_cached(ref, idx, max_new_tokens=10, return_logits=True)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames or frames > 0  # compiled code ran (or had run)
+    assert torch.equal(out, ref_out)
+    for mine, theirs in zip(steps, ref_steps):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
-def test_onednn_linear_same_weights_same_logits():
+def test_decode_kernels_keep_the_weights_and_training_and_restore():
     model = tiny_llama(seed=6, tie_embeddings=False)
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = model(idx)[0]
         ptrs = [p.data_ptr() for p in model.parameters()]
-        assert use_onednn_linear(model, min_bytes=0) == 2 * 7 + 1  # 7 Linear per block + lm_head
-        assert type(model.lm_head) is OneDNNLinear and [p.data_ptr() for p in model.parameters()] == ptrs
+        keys = list(model.state_dict())
+        assert prepare_for_decode(model, compile=False, min_bytes=0) == "oneDNN"
+        assert all(type(m) is DecodeLinear and m.onednn for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert [p.data_ptr() for p in model.parameters()] == ptrs and list(model.state_dict()) == keys
         fast = model(idx)[0]
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     loss = model(idx, targets=idx)[1]  # with autograd on it falls back to F.linear: training still works
     loss.backward()
     assert model.lm_head.weight.grad is not None
-    restore_linear(model)
+    if decode_compile_works():
+        prepare_for_decode(model, compile=True)
+        assert isinstance(model.layers[1].mlp.forward, DecodeRegion)
+    restore(model)
     assert type(model.lm_head) is torch.nn.Linear
+    assert "qkv" not in vars(model.layers[0].attn) and "forward" not in vars(model.layers[0].mlp)
+
+
+def test_engine_compiles_only_big_models_by_default_and_can_switch_back(monkeypatch):
+    from phase3_core_inference.project8_kv_cache import cpu_kernels
+
+    model = tiny_llama(seed=7)
+    assert Engine(model).kernels == ("oneDNN" if onednn_available() else "default")  # 0.05 MB: not compiled
+    if decode_compile_works():
+        monkeypatch.setattr(cpu_kernels, "AUTO_COMPILE_BYTES", cpu_kernels.weight_bytes(model))
+        assert Engine(model).kernels == "compiled"
+    assert Engine(model, fast_kernels=False).kernels == "default"
+    assert type(model.lm_head) is torch.nn.Linear
+    assert "qkv" not in vars(model.layers[0].attn) and "forward" not in vars(model.layers[0].mlp)
 
 
 def test_engine_reuses_the_cache_across_turns():
@@ -211,8 +264,9 @@ def test_seeded_sampling_is_reproducible():
 transformers = pytest.importorskip("transformers", reason="transformers (dev group) is needed")
 
 
-@pytest.mark.parametrize("tie,n_kv,onednn", [(True, 2, True), (False, 1, True), (False, 4, False)])
-def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv, onednn):
+@pytest.mark.parametrize("tie,n_kv,kernels", [(True, 2, "oneDNN"), (False, 1, "compiled"), (False, 4, "default"),
+                                              (True, 1, "compiled")])
+def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv, kernels):
     from phase3_core_inference.project8_kv_cache.loading import load_model
 
     torch.manual_seed(n_kv)
@@ -225,13 +279,22 @@ def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv, onednn):
             p.normal_(0, 0.15 if p.dim() > 1 else 1.0)
     hf.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path)).model
-    if onednn:
-        use_onednn_linear(ours, min_bytes=0)
     prompt = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(n_kv))
     n = 40
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                          do_sample=False, pad_token_id=0)
-    mine = generate_cached(ours, prompt, n)
+    if kernels == "compiled":  # batch 1 through the Engine: the compiled decode path
+        if not decode_compile_works():
+            pytest.skip("torch.compile cannot build CPU kernels here")
+        eng = Engine(ours, compile=True)
+        assert eng.kernels == "compiled"
+        for row in range(2):
+            assert list(eng.generate(prompt[row].tolist(), n)) == theirs[row, 7:].tolist()
+        mine = theirs
+    else:
+        if kernels == "oneDNN":
+            prepare_for_decode(ours, compile=False, min_bytes=0)
+        mine = generate_cached(ours, prompt, n)
     assert torch.equal(mine, theirs)
     assert len(set(mine[0, 7:].tolist())) > 3  # not a degenerate repeat of one token
 
