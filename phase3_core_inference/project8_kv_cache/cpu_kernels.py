@@ -7,18 +7,19 @@ PAPERS / PRIOR ART
 
 WHAT WE MEASURED (this course's 2-core AMD EPYC VM, fp32, weights cold in memory as in a real decode step of a
 model bigger than the CPU's cache; see the README)
-- `F.linear` on one row calls MKL's GEMM, which ran at 8-12 GB/s on ONE core (MKL takes generic code paths
-  on AMD CPUs), 1 and 2 threads alike. oneDNN's matmul used both cores: 10-20 GB/s. `w.sum()` read the very
-  same matrices at ~28 GB/s. The kernel, not the memory, was the limit.
+- `F.linear` on one row calls MKL's GEMM, which ran at 8-12 GB/s, the same with 1 or 2 threads: one core
+  (a likely reason, not verified: MKL is known to pick generic code paths on non-Intel CPUs). oneDNN's matmul
+  used both cores: 10-20 GB/s. `w.sum()` read the very same matrices at ~28 GB/s. The kernel, not the
+  memory, was the limit.
 - A small model's decode step is also ~400 small ops, each costing a few microseconds of Python and dispatch.
 
 INTUITION
 A matrix-vector product is a reduction: y_i = sum_j W_ij x_j, i.e. `(W * x).sum(-1)`. Eager PyTorch would
 materialise W * x (a second pass over memory); torch.compile (inductor) instead emits ONE C++ loop, vectorised
-and split across the cores, that reads each weight once and keeps the running sums in registers: 21-29 GB/s
-on those matrices, 1.5-2x oneDNN, about what `sum()` gets. Compiling a whole region (a block's q/k/v
-projections with RoPE; its SwiGLU MLP) runs its products and elementwise ops in one call, and fuses the gate
-(silu(w1 x) * w3 x) into the same C++ code.
+and split across the cores, that reads each weight once and keeps the running sums in registers: 14-29 GB/s
+on those matrices (more for bigger ones), 1.2-1.8x oneDNN, about what `sum()` gets. Compiling a whole region
+(a block's q/k/v projections with RoPE; its SwiGLU MLP) runs its products and elementwise ops in one call
+and lets inductor fuse the elementwise ones (RoPE, the gate silu(w1 x) * w3 x) into its loops.
 
 IMPLEMENTATION
 `prepare_for_decode(model)` changes the model in place, without copying a weight:
@@ -38,7 +39,8 @@ in the cache, where MKL is already fast and compiling buys nothing measurable.
 Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at 1e-5).
 WHY NOT COMPILE THE WHOLE STEP: the KV cache is read up to a position that grows every step, a shape that
 changes per token; compiling around it needs a mask over the whole preallocated cache (gpt-fast's way) and
-makes the model harder to read. The regions above hold ~90% of the weights and most of the small ops.
+makes the model harder to read. The regions hold every weight but wo and the classifier (which run the
+compiled reduction on their own) and most of the small ops.
 """
 
 from __future__ import annotations
