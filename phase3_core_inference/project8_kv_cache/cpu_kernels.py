@@ -123,7 +123,7 @@ class DecodeRegion:
     """Calls `fn` compiled when its first argument is a single row (a batch-1 decode step), eager otherwise."""
 
     def __init__(self, fn):
-        # static shapes: one specialised kernel per model shape (dynamic ones ran ~30% slower for TinyLlama)
+        # static shapes: one kernel specialised to each model's shapes, never a switch to symbolic sizes
         self.eager, self.compiled = fn, torch.compile(fn, dynamic=False)
 
     def __call__(self, x: torch.Tensor, *args):
@@ -148,18 +148,26 @@ def prepare_for_decode(model: nn.Module, compile: bool | None = None, min_bytes:
     compile = compile and decode_compile_works()
     onednn = onednn_available()
     if not (compile or onednn):
+        restore(model)
         return "default"
     for m in model.modules():
         if type(m) in (nn.Linear, DecodeLinear):
             m.__class__ = DecodeLinear
             m.compiled = compile
             m.onednn = onednn and m.weight.numel() * m.weight.element_size() >= min_bytes
+    _remove_regions(model)
     if compile:
         for block in getattr(model, "layers", []):
-            if not isinstance(block.attn.qkv, DecodeRegion):
-                block.attn.qkv = DecodeRegion(block.attn.qkv)
-                block.mlp.forward = DecodeRegion(block.mlp.forward)
+            block.attn.qkv = DecodeRegion(block.attn.qkv)
+            block.mlp.forward = DecodeRegion(block.mlp.forward)
     return "compiled" if compile else "oneDNN"
+
+
+def _remove_regions(model: nn.Module) -> None:
+    for block in getattr(model, "layers", []):
+        for mod, name in ((block.attn, "qkv"), (block.mlp, "forward")):
+            if isinstance(mod.__dict__.get(name), DecodeRegion):
+                del mod.__dict__[name]
 
 
 def restore(model: nn.Module) -> None:
@@ -169,7 +177,4 @@ def restore(model: nn.Module) -> None:
             m.__class__ = nn.Linear
             for attr in ("compiled", "onednn"):
                 m.__dict__.pop(attr, None)
-    for block in getattr(model, "layers", []):
-        for mod, name in ((block.attn, "qkv"), (block.mlp, "forward")):
-            if isinstance(mod.__dict__.get(name), DecodeRegion):
-                del mod.__dict__[name]
+    _remove_regions(model)

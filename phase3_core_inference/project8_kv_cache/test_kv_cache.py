@@ -223,6 +223,7 @@ def test_engine_compiles_only_big_models_by_default_and_can_switch_back(monkeypa
     if decode_compile_works():
         monkeypatch.setattr(cpu_kernels, "AUTO_COMPILE_BYTES", cpu_kernels.weight_bytes(model))
         assert Engine(model).kernels == "compiled"
+        assert prepare_for_decode(model, compile=False) == "oneDNN" and "qkv" not in vars(model.layers[0].attn)
     assert Engine(model, fast_kernels=False).kernels == "default"
     assert type(model.lm_head) is torch.nn.Linear
     assert "qkv" not in vars(model.layers[0].attn) and "forward" not in vars(model.layers[0].mlp)
