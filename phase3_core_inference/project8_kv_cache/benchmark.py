@@ -68,7 +68,7 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 1) -> float:
 
 
 class Bandwidth:
-    """Every read-bandwidth sample of the run; the floor uses the highest (the strictest floor)."""
+    """Every read-bandwidth sample of the run; `best` is the highest (the strictest reading of the floor)."""
 
     def __init__(self, gib: float):
         self.gib, self.samples = gib, []
@@ -280,6 +280,8 @@ def main() -> None:
         raise CourseError("benchmark.py measures CPU decoding only; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.floor_rounds < 1:
+        raise CourseError(f"--floor_rounds ({args.floor_rounds}) must be >= 1")
     parts = set(args.parts.split(","))
     if parts - {"cache", "hf"}:
         raise CourseError(f"unknown --parts {sorted(parts - {'cache', 'hf'})}; use cache and/or hf")
