@@ -56,12 +56,31 @@ MIN_BYTES = 1 << 20  # prefill: oneDNN for matrices of at least this many bytes,
 AUTO_COMPILE_BYTES = 16 << 20  # compile=None: compile the decode path for models with at least this many weight bytes
 
 
+ROW_BLOCKS = 4  # rows computed together in one loop iteration, sharing each load of x
+MAX_REDUCTION = 4096  # inductor switches to a slower (cascade) summation for longer reductions
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (1, in), w (out, in) -> (out,): the matrix-vector product w @ x[0], written as the reduction it is.
 
-    Eager, this allocates W * x; compiled (compiled_gemv) it is one streaming loop.
+    Eager, this allocates W * x; compiled (compiled_gemv) it is one streaming loop over the rows.
+    Two shapes of that loop, measured on 2048 x 5632 (TinyLlama's down projection), one core:
+    - 4 row blocks, whose reductions inductor fuses into one loop: each step reads 4 rows and loads x once
+      for them. Alone, a row of 5632 floats plus x (22 KB) crowd the 32 KB L1 cache and x keeps being
+      fetched again: 15 -> 27 GB/s (`w.sum()`: 29-31).
+    - each row reduced in chunks of <= 4096 values: a longer reduction gets a cascade summation (for
+      accuracy over long sums) that costs ~25% more here; fp32 over 4096 terms is accurate enough.
+    Same result up to summation order.
     """
-    return (w * x).sum(-1)
+    out_f, in_f = w.shape
+    chunks = next(c for c in range(-(-in_f // MAX_REDUCTION), in_f + 1) if in_f % c == 0)
+    if in_f // chunks < 64:  # no divisor near 4096 (e.g. a prime width): one plain reduction
+        chunks = 1
+    blocks = ROW_BLOCKS if out_f % ROW_BLOCKS == 0 else 1
+    rows = out_f // blocks
+    xc = x.reshape(1, chunks, in_f // chunks)
+    return torch.cat([(w[b * rows:(b + 1) * rows].view(rows, chunks, -1) * xc).sum(-1).sum(-1)
+                      for b in range(blocks)])
 
 
 @functools.cache

@@ -102,7 +102,17 @@ def test_gqa_shrinks_the_cache_by_the_group_size():
 
 
 # ---- the model with the cache equals the model without it ---------------------------------------------
-needs_compile = pytest.mark.skipif(not decode_compile_works(),
+def compiler_available() -> bool:
+    """Can torch.compile build a CPU kernel at all? Probed with a function of its own, not ours: a bug in our
+    kernels must fail the tests below, not skip them."""
+    try:
+        a = torch.randn(3, 5)
+        return torch.allclose(torch.compile(lambda t: (t * 2).sum(-1), dynamic=False)(a), (a * 2).sum(-1))
+    except Exception:  # noqa: BLE001 - no compiler, no compiled tests
+        return False
+
+
+needs_compile = pytest.mark.skipif(not compiler_available(),
                                    reason="torch.compile cannot build CPU kernels here (no C++ compiler?)")
 
 
@@ -164,12 +174,16 @@ def test_chunked_prefill_matches_and_no_cache_path_is_unchanged():
 
 
 @needs_compile
-@pytest.mark.parametrize("out_f,in_f", [(13, 37), (64, 32), (300, 64), (5, 1000)])
+@pytest.mark.parametrize("out_f,in_f", [(13, 37), (64, 32), (300, 64), (5, 1000),
+                                        (8, 5000), (12, 8200), (6, 4099)])  # chunked rows; a prime width
 def test_compiled_gemv_equals_linear(out_f, in_f):
     gen = torch.Generator().manual_seed(out_f * in_f)
     x, w = torch.randn(1, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
+    exact = torch.nn.functional.linear(x.double(), w.double())[0]
+    assert decode_compile_works()  # the engine's own check: it would fall back to oneDNN otherwise
     with torch.no_grad():
-        torch.testing.assert_close(compiled_gemv()(x, w), torch.nn.functional.linear(x, w)[0], rtol=1e-5, atol=1e-5)
+        # fp32 rounding over in_f unit-scale terms grows like sqrt(in_f) (a random walk), whatever the order
+        torch.testing.assert_close(compiled_gemv()(x, w).double(), exact, rtol=0, atol=2e-6 * in_f ** 0.5)
 
 
 @needs_compile
