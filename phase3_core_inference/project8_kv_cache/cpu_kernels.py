@@ -54,29 +54,31 @@ import torch.nn.functional as F
 
 MIN_BYTES = 1 << 20  # prefill: oneDNN for matrices of at least this many bytes, MKL below (lower cost per call)
 AUTO_COMPILE_BYTES = 16 << 20  # compile=None: compile the decode path for models with at least this many weight bytes
-
-
-ROW_BLOCKS = 4  # rows computed together in one loop iteration, sharing each load of x
+ROW_BLOCKS = 4  # long rows: this many computed together in one loop iteration, sharing each load of x
 MAX_REDUCTION = 4096  # inductor switches to a slower (cascade) summation for longer reductions
+# fused multiply-add in inductor's C++ (its default keeps x*w and +acc apart): +4-8% on one core for rows of
+# 2048; with both cores streaming, within this VM's noise
+COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (1, in), w (out, in) -> (out,): the matrix-vector product w @ x[0], written as the reduction it is.
 
     Eager, this allocates W * x; compiled (compiled_gemv) it is one streaming loop over the rows.
-    Two shapes of that loop, measured on 2048 x 5632 (TinyLlama's down projection), one core:
-    - 4 row blocks, whose reductions inductor fuses into one loop: each step reads 4 rows and loads x once
-      for them. Alone, a row of 5632 floats plus x (22 KB) crowd the 32 KB L1 cache and x keeps being
-      fetched again: 15 -> 27 GB/s (`w.sum()`: 29-31).
-    - each row reduced in chunks of <= 4096 values: a longer reduction gets a cascade summation (for
-      accuracy over long sums) that costs ~25% more here; fp32 over 4096 terms is accurate enough.
+    Rows longer than 4096 values (TinyLlama's down projection: 2048 x 5632) get two changes, measured on that
+    matrix on one core: 15 -> 27 GB/s (`w.sum()`: 29-31):
+    - the rows are taken in 4 blocks, whose reductions inductor fuses into one loop: each step reads 4 rows
+      and loads x once for them. One row of 5632 floats plus x (22 KB) crowd the 32 KB L1 cache, and x kept
+      being fetched again. (For short rows the blocks measured no better, or worse: 39 vs 45 GB/s on q/k/v.)
+    - each row is reduced in chunks of <= 4096 values: a longer reduction gets a cascade summation (kept for
+      accuracy over long sums) that cost ~25% more here; fp32 over 4096 terms is accurate enough.
     Same result up to summation order.
     """
     out_f, in_f = w.shape
     chunks = next(c for c in range(-(-in_f // MAX_REDUCTION), in_f + 1) if in_f % c == 0)
     if in_f // chunks < 64:  # no divisor near 4096 (e.g. a prime width): one plain reduction
         chunks = 1
-    blocks = ROW_BLOCKS if out_f % ROW_BLOCKS == 0 else 1
+    blocks = ROW_BLOCKS if in_f > MAX_REDUCTION and out_f % ROW_BLOCKS == 0 else 1
     rows = out_f // blocks
     xc = x.reshape(1, chunks, in_f // chunks)
     return torch.cat([(w[b * rows:(b + 1) * rows].view(rows, chunks, -1) * xc).sum(-1).sum(-1)
@@ -85,7 +87,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def compiled_gemv():
-    return torch.compile(gemv, dynamic=False)
+    return torch.compile(gemv, dynamic=False, options=COMPILE_OPTIONS)
 
 
 @functools.cache
@@ -143,7 +145,7 @@ class DecodeRegion:
 
     def __init__(self, fn):
         # static shapes: one kernel specialised to each model's shapes, never a switch to symbolic sizes
-        self.eager, self.compiled = fn, torch.compile(fn, dynamic=False)
+        self.eager, self.compiled = fn, torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
 
     def __call__(self, x: torch.Tensor, *args):
         if x.shape[:-1].numel() == 1 and _fast_path(x):  # an fp32 activation: an fp32 model
