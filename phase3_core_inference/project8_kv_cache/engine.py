@@ -19,7 +19,7 @@ IMPLEMENTATION
   prefills what is new: the longest common prefix with the new prompt is kept (`crop`), the rest prefilled.
 - On CPU in fp32 the decode step runs compiled kernels (cpu_kernels.py): each matrix-vector product as one
   streaming reduction over both cores, each block's q/k/v and MLP as one compiled region; prefill uses
-  oneDNN's matmul for the large matrices. The same weights; 1.2-2.7x faster per token than PyTorch's
+  oneDNN's matmul for the large matrices. The same weights; 1.5-2.3x faster per token than PyTorch's
   default kernels in our benchmark runs (README).
 - Decode runs under torch.inference_mode(), greedy is a plain argmax, and the history needed by the
   repetition penalty is a preallocated id buffer, so a decode step allocates only activations.
