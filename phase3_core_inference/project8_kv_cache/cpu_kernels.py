@@ -84,7 +84,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     blocks = ROW_BLOCKS if in_f > MAX_REDUCTION and out_f % ROW_BLOCKS == 0 else 1
     rows = out_f // blocks
     xc = x.reshape(1, chunks, in_f // chunks)
-    return torch.cat([(w[b * rows:(b + 1) * rows].view(rows, chunks, -1) * xc).sum(-1).sum(-1)
+    return torch.cat([(w[b * rows:(b + 1) * rows].reshape(rows, chunks, -1) * xc).sum(-1).sum(-1)
                       for b in range(blocks)])
 
 

@@ -187,6 +187,15 @@ def test_compiled_gemv_equals_linear(out_f, in_f):
 
 
 @needs_compile
+def test_compiled_gemv_takes_a_non_contiguous_weight():
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(1, 5000, generator=gen), torch.randn(5000, 8, generator=gen).t()  # rows chunked and blocked
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_gemv()(x, w).double(), (w.double() @ x[0].double()), rtol=0,
+                                   atol=2e-6 * 5000 ** 0.5)
+
+
+@needs_compile
 @pytest.mark.parametrize("n_kv_head,tie", [(2, True), (1, False), (4, False)])
 def test_compiled_decode_equals_default_kernels_at_every_step(n_kv_head, tie):
     """Batch 1, so every decode step takes the compiled path (reduction kernels and compiled regions).
