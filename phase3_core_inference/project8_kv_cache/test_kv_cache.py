@@ -233,8 +233,8 @@ def test_decode_kernels_keep_the_weights_and_training_and_restore():
     loss = model(idx, targets=idx)[1]  # with autograd on it falls back to F.linear: training still works
     loss.backward()
     assert model.lm_head.weight.grad is not None
-    if decode_compile_works():
-        prepare_for_decode(model, compile=True)
+    if compiler_available():
+        assert prepare_for_decode(model, compile=True) == "compiled"
         assert isinstance(model.layers[1].mlp.forward, DecodeRegion)
     restore(model)
     assert type(model.lm_head) is torch.nn.Linear
@@ -246,7 +246,7 @@ def test_engine_compiles_only_big_models_by_default_and_can_switch_back(monkeypa
 
     model = tiny_llama(seed=7)
     assert Engine(model).kernels == ("oneDNN" if onednn_available() else "default")  # 0.05 MB: not compiled
-    if decode_compile_works():
+    if compiler_available():
         monkeypatch.setattr(cpu_kernels, "AUTO_COMPILE_BYTES", cpu_kernels.weight_bytes(model))
         assert Engine(model).kernels == "compiled"
         assert prepare_for_decode(model, compile=False) == "oneDNN" and "qkv" not in vars(model.layers[0].attn)
@@ -311,13 +311,11 @@ def test_greedy_equals_transformers_generate(tmp_path, tie, n_kv, kernels):
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                          do_sample=False, pad_token_id=0)
     if kernels == "compiled":  # batch 1 through the Engine: the compiled decode path
-        if not decode_compile_works():
+        if not compiler_available():
             pytest.skip("torch.compile cannot build CPU kernels here")
         eng = Engine(ours, compile=True)
         assert eng.kernels == "compiled"
-        for row in range(2):
-            assert list(eng.generate(prompt[row].tolist(), n)) == theirs[row, 7:].tolist()
-        mine = theirs
+        mine = torch.tensor([row + list(eng.generate(row, n)) for row in prompt.tolist()])
     else:
         if kernels == "oneDNN":
             prepare_for_decode(ours, compile=False, min_bytes=0)
