@@ -52,16 +52,17 @@ QUICK_SHAPES = {"tiny": dict(n_embd=64, n_layer=2, n_head=4, n_kv_head=2, interm
                              tie_embeddings=True, block_size=256)}
 
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 1) -> float:
-    """Read bandwidth in GB/s: the best of three streaming reductions over a big tensor (sum, amax, dot),
-    `repeats` times each."""
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure_bandwidth(gib: float = 1.0) -> float:
+    """Read bandwidth in GB/s: the best of three streaming reductions over a big tensor (sum, amax, dot)."""
     x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    read = 0.0
-    for _ in range(repeats):
-        for reduce in (torch.sum, torch.amax, lambda t: torch.dot(t, t)):
-            t = time.perf_counter()
-            reduce(x)
-            read = max(read, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    read = max(x.numel() * 4 / timed(lambda: reduce(x)) / 1e9
+               for reduce in (torch.sum, torch.amax, lambda t: torch.dot(t, t)))
     del x
     gc.collect()
     return read
@@ -103,12 +104,6 @@ def build(shape: dict, seed: int = 0) -> Llama:
     with torch.no_grad():
         model = Llama(LlamaConfig(**shape))
     return model.eval()
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def decode_rate(run, n: int, repeats: int = 2) -> tuple[float, object]:
@@ -196,13 +191,8 @@ def paired_floor_tokens(engine: Engine, prompt: list[int], wb: int, bw: Bandwidt
     after, out = bw.sample(), []
     for _ in range(tokens):
         before = after
-        t = time.perf_counter()
-        next(steps)  # one decode step (and its argmax)
-        rate = 1 / (time.perf_counter() - t)
-        t = time.perf_counter()
-        for w in weights:
-            w.sum()
-        weights_sum = wb / (time.perf_counter() - t) / 1e9
+        rate = 1 / timed(lambda: next(steps))  # one decode step (and its argmax)
+        weights_sum = wb / timed(lambda: [w.sum() for w in weights]) / 1e9
         after = bw.sample()
         at = max(before, after)
         out.append({"tok_s": rate, "streamed_GBps": rate * wb / 1e9, "bandwidth_GBps": at,
@@ -234,7 +224,7 @@ def versus_transformers(shapes: dict, n: int, prompt_len: int, bw: Bandwidth, se
         hf_rate, hf_out = decode_rate(hf_runner(hf, prompt), n, reps)
         paired = paired_floor_tokens(runner.engine, prompt, wb, bw, floor_tokens)
         of_floor = statistics.median(r["of_floor"] for r in paired)
-        row = {"shape": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        row = {"shape": name, "params_M": model.num_params() / 1e6,
                "weight_MB_per_token": wb / 1e6, "ours_tok_s": ours_rate, "ours_default_kernels_tok_s": plain_rate,
                "hf_tok_s": hf_rate, "vs_hf": ours_rate / hf_rate, "floor_tokens": paired, "of_floor": of_floor,
                "ours_streamed_GBps": ours_rate * wb / 1e9, "hf_streamed_GBps": hf_rate * wb / 1e9,

@@ -140,7 +140,7 @@ def main() -> None:
     kernels = engine.kernels + (f" ({time.perf_counter() - t0:.1f} s to compile)" if engine.kernels == "compiled" else "")
     params = cfg.sampling().check()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    n = sum(p.numel() for p in loaded.model.parameters())
+    n = loaded.model.num_params()
     print(f"[{loaded.kind} model {loaded.path} ({n / 1e6:.2f}M params, {mcfg.n_layer} layers, "
           f"{mcfg.n_head}/{mcfg.n_kv_head} q/kv heads, context {mcfg.block_size}) on {device}, {cfg.dtype}; "
           f"tokenizer {tokenizer.name}; decode kernels: {kernels}]", file=sys.stderr)
