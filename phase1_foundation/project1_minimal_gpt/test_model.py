@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from course.checkpoint import load_checkpoint, save_checkpoint
 from course.errors import ConfigError, CourseError, run_cli
+from course.paths import REPO_ROOT
 from phase1_foundation.project1_minimal_gpt import download_data, generate, train
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT, LayerNorm
 from phase1_foundation.project1_minimal_gpt.sampling import (apply_temperature, sample_next_token, top_k_filter,
                                                              top_p_filter)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 TINY_TRAIN = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, batch_size=4, max_iters=8, eval_interval=4,
                   eval_iters=2, warmup_iters=2, log_interval=2, time_budget_s=None)

@@ -22,6 +22,7 @@ import pytest
 import regex
 
 from course.errors import ConfigError, CourseError
+from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
 from phase1_foundation.project2_tokenizer.tokenizer import (
     ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, BasicTokenizer,
@@ -29,9 +30,8 @@ from phase1_foundation.project2_tokenizer.tokenizer import (
     train_merges)
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-GPT2_DIR = ROOT / "data" / "gpt2_bpe"
-WIKI_DIR = ROOT / "data" / "wikitext2"
+GPT2_DIR = REPO_ROOT / "data" / "gpt2_bpe"
+WIKI_DIR = REPO_ROOT / "data" / "wikitext2"
 
 # Texts that break tokenizers: unicode scripts, emoji (ZWJ sequences, flags), CJK, code, long
 # whitespace runs, numbers, contractions, CRLF, things that look like special tokens.
@@ -523,15 +523,15 @@ def test_encode_batch_workers(trained):
 @pytest.mark.slow
 def test_course_tokenizer_parity_on_real_text():
     """The trained course tokenizer (checkpoints/project2) vs tiktoken on held-out books and WikiText-2."""
-    ckpt = ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
+    ckpt = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
     if not ckpt.is_file():
         pytest.skip("no checkpoints/project2/tokenizer.pkl; run train_tokenizer.py first")
     from phase1_foundation.project2_tokenizer.data import read_gutenberg
     tok = load_tokenizer(ckpt)
     assert tok.vocab_size == 10_000 and tok.eot_token == 9_999
     texts = [t for t in [_wiki("test"), _wiki("valid")] if t]
-    if (ROOT / "data" / "gutenberg").is_dir():
-        texts += read_gutenberg(ROOT / "data" / "gutenberg", "heldout")
+    if (REPO_ROOT / "data" / "gutenberg").is_dir():
+        texts += read_gutenberg(REPO_ROOT / "data" / "gutenberg", "heldout")
     if not texts:
         pytest.skip("no held-out text in data/")
     theirs = _as_tiktoken(tok)
@@ -582,10 +582,10 @@ def test_train_script_end_to_end(tmp_path):
 
 def test_scripts_help_and_offline_message(tmp_path):
     for script in ["train_tokenizer.py", "download_data.py", "benchmark.py"]:
-        r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
         assert r.returncode == 0 and "usage" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, str(HERE / "download_data.py"), "--dataset", "gpt2_bpe",
-                        "--source", str(tmp_path), "--data_dir", str(tmp_path / "d")], capture_output=True, text=True, cwd=ROOT)
+                        "--source", str(tmp_path), "--data_dir", str(tmp_path / "d")], capture_output=True, text=True, cwd=REPO_ROOT)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -615,7 +615,7 @@ def interactive(argv: list[str] | None = None) -> None:
                    help="a saved tokenizer .pkl, or 'gpt2' for GPT-2's (from data/gpt2_bpe/)")
     args = p.parse_args(argv)
     if args.tokenizer == "gpt2":
-        tok = load_gpt2(ROOT / "data/gpt2_bpe/encoder.json", ROOT / "data/gpt2_bpe/vocab.bpe")
+        tok = load_gpt2(REPO_ROOT / "data/gpt2_bpe/encoder.json", REPO_ROOT / "data/gpt2_bpe/vocab.bpe")
     else:
         tok = load_tokenizer(args.tokenizer)
     print(f"{tok}\nType text (empty line or Ctrl-D to quit).")

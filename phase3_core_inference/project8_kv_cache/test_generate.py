@@ -15,19 +15,20 @@ import torch
 
 from course.checkpoint import save_checkpoint
 from course.errors import CourseError
+from course.paths import REPO_ROOT
 from phase1_foundation.project3_pretrain.hf_interop import export_hf
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
+from phase3_core_inference.project8_kv_cache.download_data import DEST
 from phase3_core_inference.project8_kv_cache.loading import hub_download, load_model
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "phase3_core_inference/project8_kv_cache/generate.py"
-DATA = ROOT / "data/stories260k"
+DATA = DEST  # data/stories260k
 needs_data = pytest.mark.skipif(not (DATA / "stories260K.bin").is_file(), reason="data/stories260k absent: run "
                                 "phase3_core_inference/project8_kv_cache/download_data.py (or --source DIR)")
 
 
 def run(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, input=stdin,
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO_ROOT, capture_output=True, text=True, input=stdin,
                           timeout=120)
 
 
@@ -172,7 +173,7 @@ def test_hub_id_offline_is_one_line(monkeypatch):
 @pytest.mark.slow
 def test_benchmark_quick_runs_and_writes_results(tmp_path):
     proc = subprocess.run([sys.executable, "phase3_core_inference/project8_kv_cache/benchmark.py", "--quick",
-                           "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--out_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "benchmark_quick.json").read_text())
     assert results["hf"][0]["same_tokens"] and results["cache"][-1]["speedup"] > 1

@@ -13,7 +13,6 @@ As a script it prints a cache-size table for a few real model shapes:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +22,12 @@ from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
 from phase3_core_inference.project8_kv_cache.cpu_kernels import (DecodeLinear, DecodeRegion, compiled_gemv,
                                                                  decode_compile_works, onednn_available,
                                                                  prepare_for_decode, restore)
+from phase3_core_inference.project8_kv_cache.download_data import DEST
 from phase3_core_inference.project8_kv_cache.engine import Engine, generate_cached, generate_nocache, left_pad_batch
 from phase3_core_inference.project8_kv_cache.kv_cache import KVCache, kv_cache_bytes
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "stories260k"
+DATA = DEST  # data/stories260k
 REFERENCE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
              "One day, she saw a big, red ball. She wanted to play with it, but it was too high.\n"
              "Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do.")
