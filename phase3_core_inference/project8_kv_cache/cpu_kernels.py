@@ -107,7 +107,8 @@ def onednn_available() -> bool:
 
 @functools.cache
 def decode_compile_works() -> bool:
-    """Can torch.compile build CPU kernels here (it needs a C++ compiler)? Checked once per process."""
+    """Can torch.compile build our decode kernel here (it needs a C++ compiler), and does it match F.linear?
+    Checked once per process; the engine falls back to oneDNN otherwise."""
     try:
         with torch.no_grad():
             x, w = torch.randn(1, 8), torch.randn(4, 8)
