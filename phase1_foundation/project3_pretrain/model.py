@@ -119,10 +119,7 @@ class Attention(nn.Module):
         self.gqa = cfg.n_kv_head != cfg.n_head
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Everything a token needs before it meets the cache: q, k (rotated) and v, each (B, heads, T, hd).
-
-        A method of its own so that an inference engine can compile it as one region (project 8).
-        """
+        """Everything a token needs before it meets the cache: q, k (rotated) and v, each (B, heads, T, hd)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)

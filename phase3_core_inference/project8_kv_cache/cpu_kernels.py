@@ -1,4 +1,4 @@
-"""Decode kernels for the CPU: stream the weights at memory speed, and call into Python fewer times per token.
+"""Decode kernels for the CPU: stream the weights at memory speed, and call into Python once per token.
 
 PAPERS / PRIOR ART
 - Pope et al. 2022, "Efficiently Scaling Transformer Inference": at batch 1 a decode step is one
@@ -20,30 +20,31 @@ INTUITION
 A matrix-vector product is a reduction: y_i = sum_j W_ij x_j, i.e. `(W * x).sum(-1)`. Eager PyTorch would
 materialise W * x (a second pass over memory); torch.compile (inductor) instead emits ONE C++ loop, vectorised
 and split across the cores, that reads each weight once and keeps the running sums in registers: 14-29 GB/s
-on those matrices (more for bigger ones), 1.2-1.8x oneDNN, about what `sum()` gets. Compiling a whole region
-(a block's q/k/v projections with RoPE; its SwiGLU MLP) runs its products and elementwise ops in one call
-and lets inductor fuse the elementwise ones (RoPE, the gate silu(w1 x) * w3 x) into its loops.
+on those matrices (more for bigger ones), 1.2-1.8x oneDNN, about what `sum()` gets. Compiling the whole
+decode step (gpt-fast's way) also runs its ~400 small ops in one call, fused into few loops (the norms, RoPE,
+the gate silu(w1 x) * w3 x, the residual adds): no Python and no dispatch between them.
 
 IMPLEMENTATION
 `prepare_for_decode(model)` changes the model in place, without copying a weight:
 - every nn.Linear becomes a DecodeLinear (same parameters: tied weights stay tied, the state dict is unchanged):
-  one input row (a batch-1 decode step), CPU fp32, no autograd -> the compiled reduction; more rows (prefill,
+  one input row inside the compiled step -> the reduction `gemv`, traced and fused there; more rows (prefill,
   batches, or every call when compiling is off) -> oneDNN for matrices >= 1 MiB (2-3x MKL there), MKL's
   F.linear below (its cost per call is lower); anything else (GPU, bf16, training) -> plain F.linear.
-- each block's `attn.qkv` and `mlp` are compiled as regions, used only for one-row inputs. Prefill stays
-  eager: its products are matrix-matrix (compute-bound, already fast), and compiling them would mean a new
-  compile for every prompt length.
-Compiling costs seconds at start-up (~8 s here, with inductor's on-disk cache warm), so by default
-(`compile=None`) it is done only for models of >= 16 MiB of weights: those that do not fit in the CPU's cache
-and stream from memory at every step, where it pays (stories15M: 1.5x+). A 1 MB model such as stories260K sits
-in the cache, where MKL is already fast and compiling buys nothing measurable.
+- the model's forward becomes a DecodeStep: a batch-1 decode step (one token, from a KV cache) runs compiled
+  whole, everything else eager. Prefill stays eager: its products are matrix-matrix (compute-bound, already
+  fast), and compiling it would mean a new compile for every prompt length.
+The cache is read up to a position that grows every token. Rather than attend to the whole preallocated
+cache under a mask (gpt-fast), we let the position be a symbol in the compiled graph (dynamic shapes, see
+DecodeStep): the model and the cache stay as they are, and a step reads only the positions it needs.
+Measured on TinyLlama, against compiling only each block's q/k/v and MLP (~70 compiled calls per token):
+123 vs 143 ms per step when memory is slow, 80 vs 94 ms when it is fast (the README).
+Compiling costs seconds at start-up (~7 s to set up the compiler in a process, then ~2-6 s per model shape with
+inductor's on-disk cache warm, 10+ s cold), so by default (`compile=None`) it is done only for models of
+>= 16 MiB of weights: those that do not fit in the CPU's cache and stream from memory at every step, where it
+pays. A 1 MB model such as stories260K sits in the cache and decodes a short story in well under a second.
 `restore(model)` undoes both. Compiling needs a C++ compiler; where torch.compile cannot build a kernel,
 `decode_compile_works()` is False and the decode path uses oneDNN instead (one warning).
 Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at 1e-5).
-WHY NOT COMPILE THE WHOLE STEP: the KV cache is read up to a position that grows every step, a shape that
-changes per token; compiling around it needs a mask over the whole preallocated cache (gpt-fast's way) and
-makes the model harder to read. The regions hold every weight but wo and the classifier (which run the
-compiled reduction on their own) and most of the small ops.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (1, in), w (out, in) -> (out,): the matrix-vector product w @ x[0], written as the reduction it is.
 
-    Eager, this allocates W * x; compiled (compiled_gemv) it is one streaming loop over the rows.
+    Eager, this allocates W * x; compiled (traced into the decode step, or compiled_gemv) it is one
+    streaming loop over the rows.
     Rows longer than 4096 values (TinyLlama's down projection: 2048 x 5632) get two changes, measured on that
     matrix on one core: 15 -> 27 GB/s (`w.sum()`: 29-31):
     - the rows are taken in 4 blocks, whose reductions inductor fuses into one loop: each step reads 4 rows
@@ -134,27 +136,42 @@ class DecodeLinear(nn.Linear):
         w = self.weight
         if self.bias is not None or not _fast_path(x, w):
             return F.linear(x, w, self.bias)
-        if self.compiled and x.shape[:-1].numel() == 1:
-            # inside a compiled region the plain reduction is traced and fused there; outside, call its kernel
-            fn = gemv if torch.compiler.is_compiling() else compiled_gemv()
-            return fn(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
+        if self.compiled and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            # traced into the compiled decode step: one streaming loop, fused with what surrounds it there
+            return gemv(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
         if self.onednn:
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
             return y.view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w)
 
 
-class DecodeRegion:
-    """Calls `fn` compiled when its first argument is a single row (a batch-1 decode step), eager otherwise."""
+# what varies from one decode step to the next, by dynamo's names for them (the step's arguments)
+DYNAMIC_SOURCES = "L['start_pos'],L['kv_cache'].length"
 
-    def __init__(self, fn):
-        # static shapes: one kernel specialised to each model's shapes, never a switch to symbolic sizes
-        self.eager, self.compiled = fn, torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
 
-    def __call__(self, x: torch.Tensor, *args):
-        if x.shape[:-1].numel() == 1 and _fast_path(x):  # an fp32 activation: an fp32 model
-            return self.compiled(x, *args)
-        return self.eager(x, *args)
+class DecodeStep:
+    """A model's forward, compiled for a batch-1 decode step (one token, from a KV cache); eager otherwise.
+
+    The cache is read up to the current position, a length that grows every token. Left to itself,
+    torch.compile would compile the first step for its exact position, and the second again with the position
+    as a symbol ("automatic dynamic shapes"). We name the position and the cache's length as symbols from the
+    start (DYNAMIC_SOURCES), so one compile serves every step: one kernel for all positions, whose guards check
+    at each call that the shapes (model, cache size) are the ones it was built for; another cache size (an
+    Engine with another max_len) compiles again. Positions 0 and 1 stay eager: dynamo specialises ints equal
+    to 0 or 1, so each would cost a compile of its own.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.eager = model.forward  # the class's forward, bound to the model
+        self.compiled = torch.compile(self.eager, dynamic=None, options=COMPILE_OPTIONS)
+        self.param = next(model.parameters())  # .to() moves its data in place: tells us where the model is now
+
+    def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None):
+        if (kv_cache is not None and targets is None and left_pad is None and idx.shape == (1, 1)
+                and start_pos >= 2 and _fast_path(self.param)):
+            with torch.compiler.config.patch(dynamic_sources=DYNAMIC_SOURCES):
+                return self.compiled(idx, kv_cache=kv_cache, start_pos=start_pos)
+        return self.eager(idx, targets, kv_cache, start_pos, left_pad)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -165,7 +182,7 @@ def prepare_for_decode(model: nn.Module, compile: bool | None = None, min_bytes:
     """Switch `model` (project 3's Llama, on the CPU in fp32) to the decode kernels, in place.
 
     compile: True / False, or None = only if the model has >= AUTO_COMPILE_BYTES of weights.
-    Returns what it set up: "compiled" (reduction kernels and compiled regions, plus oneDNN for prefill),
+    Returns what it set up: "compiled" (the decode step compiled whole, plus oneDNN for prefill),
     "oneDNN" (compile off or unavailable) or "default" (neither available: nothing changed).
     """
     if compile is None:
@@ -180,26 +197,22 @@ def prepare_for_decode(model: nn.Module, compile: bool | None = None, min_bytes:
             m.__class__ = DecodeLinear
             m.compiled = compile
             m.onednn = onednn and m.weight.numel() * m.weight.element_size() >= min_bytes
-    _remove_regions(model)
+    _uncompile(model)
     if compile:
-        for block in getattr(model, "layers", []):
-            block.attn.qkv = DecodeRegion(block.attn.qkv)
-            block.mlp.forward = DecodeRegion(block.mlp.forward)
+        model.forward = DecodeStep(model)  # an instance attribute: nn.Module.__call__ finds it before the class's
     return "compiled" if compile else "oneDNN"
 
 
-def _remove_regions(model: nn.Module) -> None:
-    for block in getattr(model, "layers", []):
-        for mod, name in ((block.attn, "qkv"), (block.mlp, "forward")):
-            if isinstance(mod.__dict__.get(name), DecodeRegion):
-                del mod.__dict__[name]
-
-
 def restore(model: nn.Module) -> None:
-    """Undo prepare_for_decode: plain nn.Linear layers and eager regions again."""
+    """Undo prepare_for_decode: plain nn.Linear layers and the eager forward again."""
     for m in model.modules():
         if type(m) is DecodeLinear:
             m.__class__ = nn.Linear
             for attr in ("compiled", "onednn"):
                 m.__dict__.pop(attr, None)
-    _remove_regions(model)
+    _uncompile(model)
+
+
+def _uncompile(model: nn.Module) -> None:
+    if isinstance(model.__dict__.get("forward"), DecodeStep):
+        del model.__dict__["forward"]

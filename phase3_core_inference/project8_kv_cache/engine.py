@@ -17,10 +17,9 @@ IMPLEMENTATION
 - One KVCache preallocated for the whole context (no growing, no reallocation per token).
 - `self.tokens` records exactly which tokens have their keys/values in the cache, so a chat turn only
   prefills what is new: the longest common prefix with the new prompt is kept (`crop`), the rest prefilled.
-- On CPU in fp32 the decode step runs compiled kernels (cpu_kernels.py): each matrix-vector product as one
-  streaming reduction over both cores, each block's q/k/v and MLP as one compiled region; prefill uses
-  oneDNN's matmul for the large matrices. The same weights; 1.5-2.3x faster per token than PyTorch's
-  default kernels in our benchmark runs (README).
+- On CPU in fp32 the decode step runs compiled whole (cpu_kernels.py): one call per token, each
+  matrix-vector product one streaming reduction over both cores; prefill uses oneDNN's matmul for the large
+  matrices. The same weights, faster per token than PyTorch's default kernels (README).
 - Decode runs under torch.inference_mode(), greedy is a plain argmax, and the history needed by the
   repetition penalty is a preallocated id buffer, so a decode step allocates only activations.
 
@@ -87,9 +86,12 @@ class Engine:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.history = torch.zeros(1, self.max_len, dtype=torch.long, device=self.device)
         self.stats = GenStats()
-        if self.kernels == "compiled":
+        if self.kernels == "compiled" and self.max_len >= 3:
+            # compile the decode step now, not mid-generation (seconds, once per model shape and max_len): its
+            # first compiled call is at position 2 (cpu_kernels.DecodeStep)
             with torch.inference_mode():
-                self._forward([0], 0)  # compile the decode step now (seconds, once per shape), not mid-generation
+                self._forward([0, 0], 0)
+                self._forward([0], 2)
             self.cache.reset()
 
     def reset(self) -> None:

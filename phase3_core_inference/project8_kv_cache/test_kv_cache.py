@@ -19,7 +19,7 @@ import torch
 
 from course.errors import CourseError
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
-from phase3_core_inference.project8_kv_cache.cpu_kernels import (DecodeLinear, DecodeRegion, compiled_gemv,
+from phase3_core_inference.project8_kv_cache.cpu_kernels import (DecodeLinear, DecodeStep, compiled_gemv,
                                                                  decode_compile_works, onednn_available,
                                                                  prepare_for_decode, restore)
 from phase3_core_inference.project8_kv_cache.download_data import DEST
@@ -196,25 +196,50 @@ def test_compiled_gemv_takes_a_non_contiguous_weight():
 
 
 @needs_compile
-@pytest.mark.parametrize("n_kv_head,tie", [(2, True), (1, False), (4, False)])
-def test_compiled_decode_equals_default_kernels_at_every_step(n_kv_head, tie):
-    """Batch 1, so every decode step takes the compiled path (reduction kernels and compiled regions).
+@pytest.mark.parametrize("n_kv_head,tie,prompt_len", [(2, True, 6), (1, False, 1), (4, False, 6)])
+def test_compiled_decode_equals_default_kernels_at_every_step(n_kv_head, tie, prompt_len):
+    """Batch 1, so every decode step from position 2 on runs the compiled step (0 and 1 stay eager).
     (The engine compiles only models of >= 16 MiB by default; compile=True forces it on this tiny one.)"""
     ref = tiny_llama(seed=8 + n_kv_head, n_kv_head=n_kv_head, tie_embeddings=tie)
     model = tiny_llama(seed=8 + n_kv_head, n_kv_head=n_kv_head, tie_embeddings=tie)
     assert prepare_for_decode(model, compile=True) == "compiled"
-    assert isinstance(model.layers[0].attn.qkv, DecodeRegion) and type(model.lm_head) is DecodeLinear
+    step = vars(model)["forward"]
+    assert isinstance(step, DecodeStep) and type(model.lm_head) is DecodeLinear
     calls = []
-    for block in model.layers:  # count the calls that take the compiled path
-        for region in (block.attn.qkv, block.mlp.forward):
-            region.compiled = (lambda f: lambda *a: calls.append(1) or f(*a))(region.compiled)
-    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(n_kv_head))
+    step.compiled = (lambda f: lambda *a, **k: calls.append(k["start_pos"]) or f(*a, **k))(step.compiled)
+    idx = torch.randint(0, 97, (1, prompt_len), generator=torch.Generator().manual_seed(n_kv_head))
     out, steps = generate_cached(model, idx, max_new_tokens=10, return_logits=True)
     ref_out, ref_steps = generate_cached(ref, idx, max_new_tokens=10, return_logits=True)
-    assert len(calls) == 9 * 2 * model.config.n_layer  # every decode step after the prefill, both regions per block
+    assert calls == list(range(max(prompt_len, 2), prompt_len + 9))  # every decode step but those at 0 and 1
     assert torch.equal(out, ref_out)
     for mine, theirs in zip(steps, ref_steps):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+@needs_compile
+def test_engine_compiles_the_decode_step_once_at_start_up():
+    """One compile, in Engine(), serves every position and prompt: a recompile per token (a position baked
+    into the kernel) would be correct but ~seconds per token, invisible to the exactness tests."""
+    from torch._dynamo.utils import counters
+
+    assert decode_compile_works()
+    # forget the earlier tests' graphs, and which of their arguments dynamo has learnt to treat as dynamic
+    torch._dynamo.reset()
+    model = tiny_llama(seed=9)
+    before = counters["stats"]["unique_graphs"]
+    eng = Engine(model, max_len=40, compile=True)
+    assert eng.kernels == "compiled" and counters["stats"]["unique_graphs"] == before + 1
+    out = list(eng.generate([5, 6, 7], 12))
+    out += list(eng.generate([5, 6, 7] + out + [9], 8, reuse_cache=True))  # a chat turn: the cache is kept
+    eng.reset()
+    out += list(eng.generate([1], 20))
+    assert counters["stats"]["unique_graphs"] == before + 1
+    restore(model)
+    ref = Engine(model, max_len=40, fast_kernels=False)
+    ref_out = list(ref.generate([5, 6, 7], 12))
+    ref_out += list(ref.generate([5, 6, 7] + ref_out + [9], 8, reuse_cache=True))
+    ref.reset()
+    assert out == ref_out + list(ref.generate([1], 20))
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
@@ -235,10 +260,9 @@ def test_decode_kernels_keep_the_weights_and_training_and_restore():
     assert model.lm_head.weight.grad is not None
     if compiler_available():
         assert prepare_for_decode(model, compile=True) == "compiled"
-        assert isinstance(model.layers[1].mlp.forward, DecodeRegion)
+        assert isinstance(vars(model)["forward"], DecodeStep)
     restore(model)
-    assert type(model.lm_head) is torch.nn.Linear
-    assert "qkv" not in vars(model.layers[0].attn) and "forward" not in vars(model.layers[0].mlp)
+    assert type(model.lm_head) is torch.nn.Linear and "forward" not in vars(model)
 
 
 def test_engine_compiles_only_big_models_by_default_and_can_switch_back(monkeypatch):
@@ -249,10 +273,10 @@ def test_engine_compiles_only_big_models_by_default_and_can_switch_back(monkeypa
     if compiler_available():
         monkeypatch.setattr(cpu_kernels, "AUTO_COMPILE_BYTES", cpu_kernels.weight_bytes(model))
         assert Engine(model).kernels == "compiled"
-        assert prepare_for_decode(model, compile=False) == "oneDNN" and "qkv" not in vars(model.layers[0].attn)
+        assert prepare_for_decode(model, compile=False) == "oneDNN" and "forward" not in vars(model)
+        assert Engine(model).kernels == "compiled"
     assert Engine(model, fast_kernels=False).kernels == "default"
-    assert type(model.lm_head) is torch.nn.Linear
-    assert "qkv" not in vars(model.layers[0].attn) and "forward" not in vars(model.layers[0].mlp)
+    assert type(model.lm_head) is torch.nn.Linear and "forward" not in vars(model)
 
 
 def test_engine_reuses_the_cache_across_turns():
