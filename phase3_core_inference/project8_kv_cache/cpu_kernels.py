@@ -38,10 +38,10 @@ cache under a mask (gpt-fast), we let the position be a symbol in the compiled g
 DecodeStep): the model and the cache stay as they are, and a step reads only the positions it needs.
 Measured on TinyLlama, against compiling only each block's q/k/v and MLP (~70 compiled calls per token):
 123 vs 143 ms per step when memory is slow, 80 vs 94 ms when it is fast (the README).
-Compiling costs seconds at start-up (~7 s to set up the compiler in a process, then ~2-6 s per model shape with
-inductor's on-disk cache warm, 10+ s cold), so by default (`compile=None`) it is done only for models of
->= 16 MiB of weights: those that do not fit in the CPU's cache and stream from memory at every step, where it
-pays. A 1 MB model such as stories260K sits in the cache and decodes a short story in well under a second.
+Compiling costs seconds at start-up (~7 s to set up the compiler once per process, then 1.5-7 s per model
+shape with inductor's on-disk cache warm, up to ~25 s cold), so by default (`compile=None`) it is done only
+for models of >= 16 MiB of weights: those that do not fit in the CPU's cache and stream from memory at every
+step, where it pays. A 1 MB model such as stories260K sits in the cache and decodes a short story in well under a second.
 `restore(model)` undoes both. Compiling needs a C++ compiler; where torch.compile cannot build a kernel,
 `decode_compile_works()` is False and the decode path uses oneDNN instead (one warning).
 Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at 1e-5).
@@ -50,6 +50,7 @@ Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 
 import torch
@@ -63,6 +64,7 @@ MAX_REDUCTION = 4096  # inductor switches to a slower (cascade) summation for lo
 # fused multiply-add in inductor's C++ (its default keeps x*w and +acc apart): +4-8% on one core for rows of
 # 2048; with both cores streaming, within this VM's noise
 COMPILE_OPTIONS = {"cpp.enable_floating_point_contract_flag": "fast"}
+RECOMPILE_LIMIT = 64  # compiled decode steps (model shapes) per process before dynamo gives up: see prepare_for_decode
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -162,7 +164,7 @@ class DecodeStep:
     """
 
     def __init__(self, model: nn.Module):
-        self.eager = model.forward  # the class's forward, bound to the model
+        self.eager = types.MethodType(type(model).forward, model)  # the class's forward, never a wrapper
         self.compiled = torch.compile(self.eager, dynamic=None, options=COMPILE_OPTIONS)
         self.param = next(model.parameters())  # .to() moves its data in place: tells us where the model is now
 
@@ -199,6 +201,11 @@ def prepare_for_decode(model: nn.Module, compile: bool | None = None, min_bytes:
             m.onednn = onednn and m.weight.numel() * m.weight.element_size() >= min_bytes
     _uncompile(model)
     if compile:
+        # dynamo keeps its compiled versions per code object, here Llama.forward, shared by every model in the
+        # process, and past its cap (8) runs that code eager for good. Each model shape is a version of its own,
+        # so a test suite or a server loading a 9th model would silently lose the compiled step. A higher cap
+        # only ever means compiling instead of giving up.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         model.forward = DecodeStep(model)  # an instance attribute: nn.Module.__call__ finds it before the class's
     return "compiled" if compile else "oneDNN"
 

@@ -242,6 +242,23 @@ def test_engine_compiles_the_decode_step_once_at_start_up():
     assert out == ref_out + list(ref.generate([1], 20))
 
 
+@needs_compile
+def test_every_model_in_a_process_gets_its_compiled_step():
+    """Every model shape is a compiled version of the one Llama.forward; dynamo's default cap of 8 would leave
+    the 9th model eager, silently (same results, a fraction of the speed)."""
+    from torch._dynamo.utils import counters
+
+    assert decode_compile_works()
+    torch._dynamo.reset()
+    for n in range(10):
+        torch.manual_seed(n)
+        model = Llama(LlamaConfig(block_size=16, vocab_size=31, n_layer=1, n_head=2, n_kv_head=1, n_embd=8 * (n + 1),
+                                  intermediate_size=16)).eval()
+        before = counters["stats"]["unique_graphs"]
+        eng = Engine(model, compile=True)
+        assert eng.kernels == "compiled" and counters["stats"]["unique_graphs"] == before + 1, f"model {n + 1}"
+
+
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
 def test_decode_kernels_keep_the_weights_and_training_and_restore():
     model = tiny_llama(seed=6, tie_embeddings=False)
