@@ -41,7 +41,8 @@ Measured on TinyLlama, against compiling only each block's q/k/v and MLP (~70 co
 Compiling costs seconds at start-up (~7 s to set up the compiler once per process, then 1.5-7 s per model
 shape with inductor's on-disk cache warm, up to ~25 s cold), so by default (`compile=None`) it is done only
 for models of >= 16 MiB of weights: those that do not fit in the CPU's cache and stream from memory at every
-step, where it pays. A 1 MB model such as stories260K sits in the cache and decodes a short story in well under a second.
+step, where it pays. A 1 MB model such as stories260K sits in the cache and decodes a short story eager in
+well under a second (compiled: ~2,200 vs ~890 tok/s, after ~15 s of start-up, cache cold).
 `restore(model)` undoes both. Compiling needs a C++ compiler; where torch.compile cannot build a kernel,
 `decode_compile_works()` is False and the decode path uses oneDNN instead (one warning).
 Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at 1e-5).
