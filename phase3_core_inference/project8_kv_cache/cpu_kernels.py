@@ -51,7 +51,6 @@ Numerics: a different summation order than MKL: logits agree to ~1e-6 (tested at
 from __future__ import annotations
 
 import functools
-import types
 import warnings
 
 import torch
@@ -165,16 +164,18 @@ class DecodeStep:
     """
 
     def __init__(self, model: nn.Module):
-        self.eager = types.MethodType(type(model).forward, model)  # the class's forward, never a wrapper
-        self.compiled = torch.compile(self.eager, dynamic=None, options=COMPILE_OPTIONS)
+        # the class's forward (never a wrapper), compiled unbound with the model as its argument: a deep copy
+        # of the model gets a DecodeStep of its own that runs the copy's weights, not the original's
+        self.model, self.forward = model, type(model).forward
+        self.compiled = torch.compile(self.forward, dynamic=None, options=COMPILE_OPTIONS)
         self.param = next(model.parameters())  # .to() moves its data in place: tells us where the model is now
 
     def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None):
         if (kv_cache is not None and targets is None and left_pad is None and idx.shape == (1, 1)
                 and start_pos >= 2 and _fast_path(self.param)):
             with torch.compiler.config.patch(dynamic_sources=DYNAMIC_SOURCES):
-                return self.compiled(idx, kv_cache=kv_cache, start_pos=start_pos)
-        return self.eager(idx, targets, kv_cache, start_pos, left_pad)
+                return self.compiled(self.model, idx, kv_cache=kv_cache, start_pos=start_pos)
+        return self.forward(self.model, idx, targets, kv_cache, start_pos, left_pad)
 
 
 def weight_bytes(model: nn.Module) -> int:

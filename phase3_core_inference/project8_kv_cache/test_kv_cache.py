@@ -12,6 +12,7 @@ As a script it prints a cache-size table for a few real model shapes:
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -257,6 +258,25 @@ def test_every_model_in_a_process_gets_its_compiled_step():
         before = counters["stats"]["unique_graphs"]
         eng = Engine(model, compile=True)
         assert eng.kernels == "compiled" and counters["stats"]["unique_graphs"] == before + 1, f"model {n + 1}"
+
+
+@needs_compile
+def test_a_deep_copy_of_a_prepared_model_decodes_with_its_own_weights():
+    """The compiled step takes the model as an argument: a copy (e.g. a frozen reference model) must not run the
+    original's weights."""
+    model = tiny_llama(seed=12)
+    prepare_for_decode(model, compile=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    idx = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(12))
+    out, steps = generate_cached(twin, idx, max_new_tokens=8, return_logits=True)
+    restore(twin)
+    ref_out, ref_steps = generate_cached(twin, idx, max_new_tokens=8, return_logits=True)
+    assert torch.equal(out, ref_out)
+    for mine, theirs in zip(steps, ref_steps):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
