@@ -163,6 +163,8 @@ class DecodeStep:
     to 0 or 1, so each would cost a compile of its own.
     """
 
+    FIRST_POS = 2  # the first position that runs compiled (Engine warms up there)
+
     def __init__(self, model: nn.Module):
         # the class's forward (never a wrapper), compiled unbound with the model as its argument: a deep copy
         # of the model gets a DecodeStep of its own that runs the copy's weights, not the original's
@@ -172,7 +174,7 @@ class DecodeStep:
 
     def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None):
         if (kv_cache is not None and targets is None and left_pad is None and idx.shape == (1, 1)
-                and start_pos >= 2 and _fast_path(self.param)):
+                and start_pos >= self.FIRST_POS and _fast_path(self.param)):
             with torch.compiler.config.patch(dynamic_sources=DYNAMIC_SOURCES):
                 return self.compiled(self.model, idx, kv_cache=kv_cache, start_pos=start_pos)
         return self.forward(self.model, idx, targets, kv_cache, start_pos, left_pad)

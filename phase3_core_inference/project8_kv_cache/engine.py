@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from course.errors import CourseError
-from phase3_core_inference.project8_kv_cache.cpu_kernels import prepare_for_decode, restore
+from phase3_core_inference.project8_kv_cache.cpu_kernels import DecodeStep, prepare_for_decode, restore
 from phase3_core_inference.project8_kv_cache.kv_cache import KVCache
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams, sample_token
 
@@ -86,12 +86,13 @@ class Engine:
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.history = torch.zeros(1, self.max_len, dtype=torch.long, device=self.device)
         self.stats = GenStats()
-        if self.kernels == "compiled" and self.max_len >= 3:
-            # compile the decode step now, not mid-generation (seconds, once per model shape and max_len): its
-            # first compiled call is at position 2 (cpu_kernels.DecodeStep)
+        first = DecodeStep.FIRST_POS
+        if self.kernels == "compiled" and self.max_len > first:
+            # compile the decode step now, not mid-generation (seconds, once per model shape and max_len), at the
+            # first position it runs compiled
             with torch.inference_mode():
-                self._forward([0, 0], 0)
-                self._forward([0], 2)
+                self._forward([0] * first, 0)
+                self._forward([0], first)
             self.cache.reset()
 
     def reset(self) -> None:
