@@ -13,6 +13,7 @@ As a script it prints a cache-size table for a few real model shapes:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -103,6 +104,7 @@ def test_gqa_shrinks_the_cache_by_the_group_size():
 
 
 # ---- the model with the cache equals the model without it ---------------------------------------------
+@functools.cache
 def compiler_available() -> bool:
     """Can torch.compile build a CPU kernel at all? Probed with a function of its own, not ours: a bug in our
     kernels must fail the tests below, not skip them."""
@@ -217,24 +219,28 @@ def test_compiled_decode_equals_default_kernels_at_every_step(n_kv_head, tie, pr
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """dynamo's compile counters, after it forgot the earlier tests' graphs and which of their arguments it had
+    learnt to treat as dynamic (which would hide a missing dynamic source)."""
+    assert decode_compile_works()  # its probe compiles too: run it before anything is counted
+    torch._dynamo.reset()
+    return torch._dynamo.utils.counters["stats"]
+
+
 @needs_compile
-def test_engine_compiles_the_decode_step_once_at_start_up():
+def test_engine_compiles_the_decode_step_once_at_start_up(fresh_dynamo):
     """One compile, in Engine(), serves every position and prompt: a recompile per token (a position baked
     into the kernel) would be correct but ~seconds per token, invisible to the exactness tests."""
-    from torch._dynamo.utils import counters
-
-    assert decode_compile_works()
-    # forget the earlier tests' graphs, and which of their arguments dynamo has learnt to treat as dynamic
-    torch._dynamo.reset()
     model = tiny_llama(seed=9)
-    before = counters["stats"]["unique_graphs"]
+    before = fresh_dynamo["unique_graphs"]
     eng = Engine(model, max_len=40, compile=True)
-    assert eng.kernels == "compiled" and counters["stats"]["unique_graphs"] == before + 1
+    assert eng.kernels == "compiled" and fresh_dynamo["unique_graphs"] == before + 1
     out = list(eng.generate([5, 6, 7], 12))
     out += list(eng.generate([5, 6, 7] + out + [9], 8, reuse_cache=True))  # a chat turn: the cache is kept
     eng.reset()
     out += list(eng.generate([1], 20))
-    assert counters["stats"]["unique_graphs"] == before + 1
+    assert fresh_dynamo["unique_graphs"] == before + 1
     restore(model)
     ref = Engine(model, max_len=40, fast_kernels=False)
     ref_out = list(ref.generate([5, 6, 7], 12))
@@ -244,20 +250,16 @@ def test_engine_compiles_the_decode_step_once_at_start_up():
 
 
 @needs_compile
-def test_every_model_in_a_process_gets_its_compiled_step():
+def test_every_model_in_a_process_gets_its_compiled_step(fresh_dynamo):
     """Every model shape is a compiled version of the one Llama.forward; dynamo's default cap of 8 would leave
     the 9th model eager, silently (same results, a fraction of the speed)."""
-    from torch._dynamo.utils import counters
-
-    assert decode_compile_works()
-    torch._dynamo.reset()
     for n in range(10):
         torch.manual_seed(n)
         model = Llama(LlamaConfig(block_size=16, vocab_size=31, n_layer=1, n_head=2, n_kv_head=1, n_embd=8 * (n + 1),
                                   intermediate_size=16)).eval()
-        before = counters["stats"]["unique_graphs"]
+        before = fresh_dynamo["unique_graphs"]
         eng = Engine(model, compile=True)
-        assert eng.kernels == "compiled" and counters["stats"]["unique_graphs"] == before + 1, f"model {n + 1}"
+        assert eng.kernels == "compiled" and fresh_dynamo["unique_graphs"] == before + 1, f"model {n + 1}"
 
 
 @needs_compile
