@@ -141,7 +141,9 @@ class DecodeLinear(nn.Linear):
         if self.compiled and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
             # traced into the compiled decode step: one streaming loop, fused with what surrounds it there
             return gemv(x.reshape(1, -1), w).view(*x.shape[:-1], w.shape[0])
-        if self.onednn:
+        # eager only: inductor cannot lower oneDNN's linear on a weight that is a graph input (a user's own
+        # torch.compile of a prepared model), and picks its own matmul there anyway
+        if self.onednn and not torch.compiler.is_compiling():
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
             return y.view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w)

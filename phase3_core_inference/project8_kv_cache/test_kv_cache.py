@@ -304,6 +304,20 @@ def test_decode_kernels_keep_the_weights_and_training_and_restore():
     assert type(model.lm_head) is torch.nn.Linear and "forward" not in vars(model)
 
 
+@needs_compile
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_a_prepared_model_still_compiles_whole_for_many_rows():
+    """A user's own torch.compile of a prepared model (a no-cache forward: many rows, oneDNN's path when eager)
+    must trace: inductor cannot lower oneDNN's linear on a weight that is a graph input, so it gets F.linear."""
+    model = tiny_llama(seed=8)
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        prepare_for_decode(model, compile=False, min_bytes=0)
+        out = torch.compile(type(model).forward, dynamic=False)(model, idx)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_engine_compiles_only_big_models_by_default_and_can_switch_back(monkeypatch):
     from phase3_core_inference.project8_kv_cache import cpu_kernels
 
