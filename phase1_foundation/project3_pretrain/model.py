@@ -20,13 +20,16 @@ Differences from project 1's GPT, one line each:
     tied embeddings          -> optional (tie_embeddings)
 
 Inference protocol (used by project 8's KV cache): `forward(idx, targets=None, kv_cache=None, start_pos=0,
-left_pad=None)`.
+left_pad=None, logits_to_keep=0)`.
 Tokens idx sit at absolute positions start_pos .. start_pos+T-1; every attention layer i calls
 `k, v = kv_cache.update(i, k, v, start_pos)` with k, v of shape (B, n_kv_head, T, head_dim), k already rotated,
 and gets back all keys/values so far, (B, n_kv_head, start_pos+T, head_dim). The T == 1 decode step builds no mask
 and allocates nothing but the activations. A batch of prompts of different lengths is left-padded to one length:
 `left_pad[b]` says how many of row b's first slots are padding; row b's RoPE positions then start at 0 on its
 first real token and no query ever attends to a padding slot (`ragged_rope_and_mask`).
+`logits_to_keep=k > 0` returns the logits of the last k positions only (HF's argument of the same name):
+generation needs the last one, and the classifier over the whole prompt is vocab x n_embd FLOPs per token for
+nothing (a third of a no-cache step of project 3's `cpu` model, measured in project 8).
 """
 
 from __future__ import annotations
@@ -254,8 +257,11 @@ class Llama(nn.Module):
         return cos, sin, ((causal & real) | itself).unsqueeze(1)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, start_pos: int = 0,
-                left_pad: torch.Tensor | None = None):
+                left_pad: torch.Tensor | None = None, logits_to_keep: int = 0):
         B, T = idx.shape
+        if logits_to_keep < 0 or (logits_to_keep and targets is not None):
+            raise CourseError(f"logits_to_keep must be 0 (all positions) or a positive count, and 0 with targets "
+                              f"(the loss needs every position); got {logits_to_keep}")
         if start_pos + T > self.config.block_size:
             raise CourseError(f"sequence positions {start_pos}..{start_pos + T - 1} exceed block_size "
                               f"{self.config.block_size} (the RoPE tables); crop the context")
@@ -273,6 +279,8 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, None, i, start_pos, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, kv_cache, i, start_pos, mask)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # the norm and the classifier act per position: skip the unwanted ones
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

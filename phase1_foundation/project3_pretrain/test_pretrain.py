@@ -80,6 +80,20 @@ def test_forward_shapes_loss_and_causality():
     assert not torch.allclose(logits[:, 6:], l2[:, 6:])
 
 
+def test_logits_to_keep_returns_the_last_positions_only():
+    model = tiny()
+    idx = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        full, _ = model(idx)
+        for k in (1, 3, 10):
+            last, _ = model(idx, logits_to_keep=k)
+            assert last.shape == (2, k, 97)
+            torch.testing.assert_close(last, full[:, -k:], rtol=0, atol=1e-6)
+    for bad in (dict(logits_to_keep=-1), dict(logits_to_keep=1, targets=idx)):
+        with pytest.raises(CourseError, match="logits_to_keep"):
+            model(idx, **bad)
+
+
 def test_tied_and_untied_parameter_counts():
     tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
     assert untied.num_params() - tied.num_params() == 97 * 32

@@ -174,12 +174,14 @@ class DecodeStep:
         self.compiled = torch.compile(self.forward, dynamic=None, options=COMPILE_OPTIONS)
         self.param = next(model.parameters())  # .to() moves its data in place: tells us where the model is now
 
-    def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None):
+    def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None,
+                 logits_to_keep: int = 0):
+        # one token: its logits are the last position's whatever logits_to_keep (>= 0) asks, so it is left out
         if (kv_cache is not None and targets is None and left_pad is None and idx.shape == (1, 1)
-                and start_pos >= self.FIRST_POS and _fast_path(self.param)):
+                and start_pos >= self.FIRST_POS and logits_to_keep >= 0 and _fast_path(self.param)):
             with torch.compiler.config.patch(dynamic_sources=DYNAMIC_SOURCES):
                 return self.compiled(self.model, idx, kv_cache=kv_cache, start_pos=start_pos)
-        return self.forward(self.model, idx, targets, kv_cache, start_pos, left_pad)
+        return self.forward(self.model, idx, targets, kv_cache, start_pos, left_pad, logits_to_keep)
 
 
 def weight_bytes(model: nn.Module) -> int:

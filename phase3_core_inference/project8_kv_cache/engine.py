@@ -102,7 +102,7 @@ class Engine:
 
     def _forward(self, ids: list[int], start_pos: int) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits, _ = self.model(x, kv_cache=self.cache, start_pos=start_pos)
+        logits, _ = self.model(x, kv_cache=self.cache, start_pos=start_pos, logits_to_keep=1)
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -207,7 +207,7 @@ def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: i
     cache = KVCache.for_model(model.config, batch=B, max_len=T + max_new_tokens, dtype=p.dtype, device=idx.device)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx
-    logits = model(idx, kv_cache=cache, start_pos=0, left_pad=left_pad)[0][:, -1]
+    logits = model(idx, kv_cache=cache, start_pos=0, left_pad=left_pad, logits_to_keep=1)[0][:, -1]
     seen = []
     for i in range(max_new_tokens):
         pos = T + i
@@ -226,7 +226,7 @@ def generate_nocache(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: 
     params = (params or GREEDY).check()
     out = idx
     for _ in range(max_new_tokens):
-        logits = model(out)[0][:, -1]
+        logits = model(out, logits_to_keep=1)[0][:, -1]  # as any engine would: the last position's only
         nxt = sample_token(logits, params, out if params.repetition_penalty != 1.0 else None, generator)
         out = torch.cat([out, nxt], dim=1)
     return out
