@@ -140,9 +140,11 @@ class Attention(nn.Module):
         if mask is not None:
             # a left-padded batch: the caller's (B, 1, T, Tk) mask is causal and hides every padding key
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
-        elif T == 1 or Tk == T:
-            # decode step: the one query sees every cached key, no mask; plain prefill: the standard causal mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=T > 1, enable_gqa=self.gqa)
+        elif T == 1:  # decode step: the one query sees every cached key, no mask
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, enable_gqa=self.gqa)
+        elif Tk == T:  # plain prefill: the standard causal mask (a branch, not is_causal=T > 1: under torch.compile
+            # with dynamic shapes T > 1 is a symbolic bool, which SDPA refuses, and the whole forward ran eager)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.gqa)
         else:
             # a chunk of T queries after Tk - T cached keys: query t sees keys 0 .. Tk - T + t
             mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)

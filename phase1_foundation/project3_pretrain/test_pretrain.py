@@ -94,6 +94,19 @@ def test_logits_to_keep_returns_the_last_positions_only():
             model(idx, **bad)
 
 
+def test_forward_traces_as_one_graph_for_every_length():
+    """torch.compile(dynamic=True, fullgraph=True) must trace the whole forward, the sequence length a symbol: a
+    graph break (is_causal=T > 1 was one: a symbolic bool) makes dynamo run the model eager, and skip that code in
+    every later compile of the process too. The "eager" backend: dynamo's tracing alone, no C++ compiler needed."""
+    model = tiny()
+    compiled = torch.compile(model, backend="eager", dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for T in (3, 7):
+            idx = torch.randint(0, 97, (2, T))
+            torch.testing.assert_close(compiled(idx)[0], model(idx)[0], rtol=0, atol=0)
+            torch.testing.assert_close(compiled(idx, logits_to_keep=1)[0], model(idx)[0][:, -1:], rtol=0, atol=1e-6)
+
+
 def test_tied_and_untied_parameter_counts():
     tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
     assert untied.num_params() - tied.num_params() == 97 * 32
