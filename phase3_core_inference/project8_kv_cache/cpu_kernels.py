@@ -163,6 +163,9 @@ class DecodeStep:
     at each call that the shapes (model, cache size) are the ones it was built for; another cache size (an
     Engine with another max_len) compiles again. Positions 0 and 1 stay eager: dynamo specialises ints equal
     to 0 or 1, so each would cost a compile of its own.
+    Everything else is static (dynamic=False, which the named sources override): what dynamo learnt from other
+    compiles of Llama.forward in the process (a no-cache forward over growing lengths) does not reach the step.
+    fullgraph=True: a graph break in the step is an error, not a step that silently runs in pieces.
     """
 
     FIRST_POS = 2  # the first position that runs compiled (Engine warms up there)
@@ -171,7 +174,7 @@ class DecodeStep:
         # the class's forward (never a wrapper), compiled unbound with the model as its argument: a deep copy
         # of the model gets a DecodeStep of its own that runs the copy's weights, not the original's
         self.model, self.forward = model, type(model).forward
-        self.compiled = torch.compile(self.forward, dynamic=None, options=COMPILE_OPTIONS)
+        self.compiled = torch.compile(self.forward, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         self.param = next(model.parameters())  # .to() moves its data in place: tells us where the model is now
 
     def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None,

@@ -263,6 +263,24 @@ def test_every_model_in_a_process_gets_its_compiled_step(fresh_dynamo):
 
 
 @needs_compile
+def test_the_decode_step_compiles_whole_after_another_compile_of_the_model(fresh_dynamo):
+    """Another torch.compile of Llama.forward in the process (the benchmark's no-cache side, with dynamic
+    lengths) must not change how the decode step compiles. It did: that compile broke its graph (is_causal=T > 1,
+    a symbolic bool), dynamo then ran Llama.forward eager in every later compile, and each block of the decode
+    step became a graph of its own (stories15M: 10-20% slower, no error)."""
+    other = tiny_llama(seed=10)
+    nocache = torch.compile(type(other).forward, backend="eager", dynamic=True)
+    with torch.no_grad():
+        for T in (3, 5):
+            nocache(other, torch.zeros(1, T, dtype=torch.long))
+    model = tiny_llama(seed=11)
+    before = fresh_dynamo["unique_graphs"]
+    eng = Engine(model, max_len=40, compile=True)
+    list(eng.generate([5, 6, 7], 6))
+    assert eng.kernels == "compiled" and fresh_dynamo["unique_graphs"] == before + 1
+
+
+@needs_compile
 def test_a_deep_copy_of_a_prepared_model_decodes_with_its_own_weights():
     """The compiled step takes the model as an argument: a copy (e.g. a frozen reference model) must not run the
     original's weights."""
