@@ -177,5 +177,6 @@ def test_benchmark_quick_runs_and_writes_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "benchmark_quick.json").read_text())
     assert results["hf"][0]["same_tokens"] and results["cache"][-1]["speedup"] > 1
+    assert all(r["same_tokens"] for r in results["cache"]) and results["cache"][0]["mode"] == "eager"
     assert len(results["hf"][0]["floor_tokens"]) == 3  # --quick pairs 3 decode steps with bandwidth samples
     assert (tmp_path / "kv_cache_speedup.png").stat().st_size > 1000
