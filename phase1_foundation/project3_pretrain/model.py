@@ -29,7 +29,7 @@ and allocates nothing but the activations. A batch of prompts of different lengt
 first real token and no query ever attends to a padding slot (`ragged_rope_and_mask`).
 `logits_to_keep=k > 0` returns the logits of the last k positions only (HF's argument of the same name):
 generation needs the last one, and the classifier over the whole prompt is vocab x n_embd FLOPs per token for
-nothing (a third of a no-cache step of project 3's `cpu` model, measured in project 8).
+nothing (~30% of a no-cache step of project 3's `cpu` model, measured in project 8).
 """
 
 from __future__ import annotations

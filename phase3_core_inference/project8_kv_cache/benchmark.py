@@ -17,7 +17,7 @@ Three measurements, all fp32, batch 1, 32-token prompt, greedy:
  1. project 3's `cpu` model (context stretched so 1,024 new tokens fit): tokens/s with the cache vs recomputing
     the whole sequence per token, at 128 / 512 / 1,024 new tokens (table + PNG), both sides eager, then both
     sides compiled. The recompute asks for the last position's logits only (`logits_to_keep=1`), as any engine
-    would: the classifier over every position was a third of its time, work that has nothing to do with caching.
+    would: the classifier over every position was ~30% of its time, work that has nothing to do with caching.
  2. decode tokens/s of our engine vs `transformers` LlamaForCausalLM.generate() on the SAME weights (our state
     dict exported to HF names and assigned into the HF model without a copy), for the stories15M and
     TinyLlama-1.1B shapes with random weights; both produce the same tokens (checked).

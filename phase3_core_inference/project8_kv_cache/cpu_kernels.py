@@ -179,7 +179,7 @@ class DecodeStep:
 
     def __call__(self, idx: torch.Tensor, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None,
                  logits_to_keep: int = 0):
-        # one token: its logits are the last position's whatever logits_to_keep (>= 0) asks, so it is left out
+        # one token: logits_to_keep 0 (all) or k >= 1 (the last k) both mean its one row, so it is not passed on
         if (kv_cache is not None and targets is None and left_pad is None and idx.shape == (1, 1)
                 and start_pos >= self.FIRST_POS and logits_to_keep >= 0 and _fast_path(self.param)):
             with torch.compiler.config.patch(dynamic_sources=DYNAMIC_SOURCES):
