@@ -222,7 +222,10 @@ def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: i
 @torch.inference_mode()
 def generate_nocache(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
                      params: SamplingParams | None = None, generator: torch.Generator | None = None):
-    """The baseline: recompute the whole sequence for every new token (no cache)."""
+    """The baseline: recompute the whole sequence for every new token (no cache).
+
+    `model` is anything called like project 3's Llama: the model itself, or (benchmark.py) its compiled forward
+    with the model bound as the first argument."""
     params = (params or GREEDY).check()
     out = idx
     for _ in range(max_new_tokens):
