@@ -23,7 +23,8 @@ import time
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, read_gutenberg, read_wikitext2
-from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, RegexTokenizer, load_gpt2
+from phase1_foundation.project2_tokenizer.formats import load_gpt2
+from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, RegexTokenizer
 
 
 def _rss_mb(who: int) -> float:

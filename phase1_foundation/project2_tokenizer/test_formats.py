@@ -1,7 +1,7 @@
 """Tokenizers of real checkpoints: HF tokenizer.json (byte-level and SentencePiece-style) against the
 `tokenizers` library, and llama2.c's tokenizer .bin against hand-worked merges and stories260K's tokens.
 
-Run: uv run pytest -q phase3_core_inference/project8_kv_cache/test_tokenizers.py
+Run: uv run pytest -q phase1_foundation/project2_tokenizer/test_formats.py
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from course.errors import CourseError
-from phase3_core_inference.project8_kv_cache.tokenizer_io import load_hf_tokenizer, load_llama2c_tokenizer
+from course.paths import REPO_ROOT
+from phase1_foundation.project2_tokenizer.formats import load_hf_tokenizer, load_llama2c_tokenizer
 
-DATA = Path("data/stories260k")
+DATA = REPO_ROOT / "data" / "stories260k"
 TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
         "One day she saw a big red ball! It was 12345 times bigger than her dog's bone... "
         "Don't you think? They'll say: we've done it.\n\nThe end.  Tabs\tand   spaces.\n")

@@ -24,10 +24,10 @@ import regex
 from course.errors import ConfigError, CourseError
 from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
+from phase1_foundation.project2_tokenizer.formats import load_gpt2, load_ranks, load_tokenizer
 from phase1_foundation.project2_tokenizer.tokenizer import (
     ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, BasicTokenizer,
-    DisallowedSpecialTokenError, RegexTokenizer, TokenizerError, load_gpt2, load_ranks, load_tokenizer,
-    train_merges)
+    DisallowedSpecialTokenError, RegexTokenizer, TokenizerError, train_merges)
 
 HERE = Path(__file__).resolve().parent
 GPT2_DIR = REPO_ROOT / "data" / "gpt2_bpe"

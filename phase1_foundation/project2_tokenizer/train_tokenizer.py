@@ -26,7 +26,8 @@ from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, WIKITEXT2_DIR, read_gutenberg
-from phase1_foundation.project2_tokenizer.tokenizer import BasicTokenizer, RegexTokenizer, load_gpt2
+from phase1_foundation.project2_tokenizer.formats import load_gpt2
+from phase1_foundation.project2_tokenizer.tokenizer import BasicTokenizer, RegexTokenizer
 
 EVAL_CHARS = 2_000_000  # held-out text used for the compression plot (per vocab size)
 

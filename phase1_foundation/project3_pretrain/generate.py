@@ -23,7 +23,7 @@ from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT, repo_path
 from phase1_foundation.project1_minimal_gpt.generate import stream_tokens
-from phase1_foundation.project2_tokenizer.tokenizer import load_tokenizer
+from phase1_foundation.project2_tokenizer.formats import load_tokenizer
 from phase1_foundation.project3_pretrain.hf_interop import import_hf
 from phase1_foundation.project3_pretrain.train import load_model_from_checkpoint
 

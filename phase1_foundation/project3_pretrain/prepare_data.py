@@ -27,7 +27,7 @@ from course.checkpoint import atomic_write, atomic_write_json
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.data import gutenberg_files, read_gutenberg
-from phase1_foundation.project2_tokenizer.tokenizer import load_tokenizer
+from phase1_foundation.project2_tokenizer.formats import load_tokenizer
 
 GUTENBERG_DIR = REPO_ROOT / "data" / "gutenberg"
 OUT_DIR = REPO_ROOT / "data" / "project3"

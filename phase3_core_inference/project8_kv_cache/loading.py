@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 from course.errors import CourseError
 from course.paths import REPO_ROOT, repo_path
+from phase1_foundation.project2_tokenizer.formats import load_hf_tokenizer, load_llama2c_tokenizer
 from phase1_foundation.project3_pretrain.hf_interop import import_hf
 from phase1_foundation.project3_pretrain.model import Llama
 from phase3_core_inference.project8_kv_cache.llama2c import load_llama2c, read_llama2c_header
-from phase3_core_inference.project8_kv_cache.tokenizer_io import load_hf_tokenizer, load_llama2c_tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -141,8 +141,7 @@ def load_tokenizer_for(loaded: Loaded, spec: str | None = None):
 
 def course_tokenizer(path: Path):
     """Project 2's tokenizer (.pkl), with <|endoftext|> as the end-of-text token (and BOS for our models)."""
-    from phase1_foundation.project2_tokenizer.tokenizer import load_tokenizer
-    from phase3_core_inference.project8_kv_cache.tokenizer_io import CourseTokenizer
+    from phase1_foundation.project2_tokenizer.formats import CourseTokenizer, load_tokenizer
 
     if not path.is_file():
         raise CourseError(f"tokenizer not found: {path}")
