@@ -16,18 +16,30 @@ A project's config.py subclasses BaseConfig:
 Scripts then do `parser = argparse.ArgumentParser(...); GPTConfig.add_args(parser)` and
 `cfg = GPTConfig.from_args(parser.parse_args())`, which gives `--preset cpu` and one flag per
 field (`--n_layer=6`, `--compile` / `--compile=false` for booleans), all listed by `--help`.
+
+Several configs from one command line (a model config and a training config, say):
+
+    args, mcfg, tcfg = parse_configs(parser, LlamaConfig, TrainConfig, argv=argv, default_preset="cpu")
+
+gives one `--preset` for all of them and one flag per field; a field two configs share is one flag
+setting both, allowed only when they agree on its type, default and preset values.
+
+Floats: nan and inf are refused in every float field (`lr (nan) must be a finite number`) unless
+the field says otherwise with `field(default=..., metadata=ALLOW_NONFINITE)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar
 
 from course.errors import ConfigError
 
+ALLOW_NONFINITE = {"allow_nonfinite": True}  # field metadata: this float may be nan or +-inf
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -53,6 +65,10 @@ def _base_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
+def _nonfinite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 @dataclasses.dataclass
 class BaseConfig:
     """Base for every project's hyperparameters. Subclasses add fields, PRESETS and check()."""
@@ -68,12 +84,16 @@ class BaseConfig:
     def check(self) -> list[str]:
         """Return one message per invalid field. Subclasses call super().check() and extend."""
         errors: list[str] = []
+        allow_nonfinite = {f.name for f in dataclasses.fields(self) if f.metadata.get("allow_nonfinite")}
         for name, (tp, optional) in self.field_types().items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
             if tp is float:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok and _nonfinite(value) and name not in allow_nonfinite:
+                    errors.append(f"{name} ({value}) must be a finite number")
+                    continue
             elif tp is int:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif tp in (bool, str):
@@ -87,12 +107,12 @@ class BaseConfig:
     def check_positive(self, errors: list[str], *names: str) -> None:
         for name in names:
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and value <= 0:
+            if isinstance(value, (int, float)) and not _nonfinite(value) and value <= 0:
                 errors.append(f"{name} ({value}) must be > 0")
 
     def check_range(self, errors: list[str], name: str, lo: float, hi: float, hi_open: bool = False) -> None:
         value = getattr(self, name)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or _nonfinite(value):  # nan/inf: check() reported it
             return
         if value < lo or value > hi or (hi_open and value == hi):
             bracket = ")" if hi_open else "]"
@@ -151,15 +171,79 @@ class BaseConfig:
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser, default_preset: str | None = None) -> None:
         """Add --preset and one --<field> flag per config field to an argparse parser."""
-        # No prefix abbreviations: with them `--lr=1000` would silently set --lr_decay_iters.
-        parser.allow_abbrev = False
-        group = parser.add_argument_group(f"{cls.__name__} (any field can be overridden, e.g. --field=value)")
-        if cls.PRESETS:
-            group.add_argument("--preset", choices=list(cls.PRESETS), default=default_preset,
-                               help=f"start from a preset (default: {default_preset})")
-        defaults = cls()
+        add_config_args(parser, cls, default_preset=default_preset)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BaseConfig":
+        """Build the config from a parsed namespace: preset, then explicit flags, then validate."""
+        return _build(cls, args).validate_config()
+
+
+# ---- several configs from one command line -------------------------------------------------------------
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields set explicitly on the command line."""
+    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+
+
+def _preset(args: argparse.Namespace) -> str | None:
+    return getattr(args, "preset", None)
+
+
+class _PresetAction(argparse.Action):
+    """Store --preset and remember that it was given (a --resume must refuse an explicit one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.preset_given = True
+
+
+def _build(cls: type[BaseConfig], args: argparse.Namespace) -> BaseConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    preset = _preset(args) if cls.PRESETS else None
+    return cls.from_preset(preset, **{k: v for k, v in _given(args).items() if k in names})
+
+
+def _check_shared_fields(classes: tuple[type[BaseConfig], ...]) -> None:
+    """A field in two configs is one flag: refuse it unless both agree on type, default and preset values."""
+    seen: dict[str, type[BaseConfig]] = {}
+    presets = {p for c in classes for p in c.PRESETS}
+    for cls in classes:
         for f in dataclasses.fields(cls):
-            tp, optional = cls.field_types()[f.name]
+            other = seen.setdefault(f.name, cls)
+            if other is cls:
+                continue
+            a, b = other(), cls()
+            same = (other.field_types()[f.name] == cls.field_types()[f.name]
+                    and getattr(a, f.name) == getattr(b, f.name)
+                    and all(other.PRESETS.get(p, {}).get(f.name, getattr(a, f.name))
+                            == cls.PRESETS.get(p, {}).get(f.name, getattr(b, f.name)) for p in presets))
+            if not same:
+                raise ConfigError(f"field '{f.name}' is in both {other.__name__} and {cls.__name__} with different "
+                                  "types, defaults or preset values; one --" + f.name + " flag cannot set both: "
+                                  "rename one of them")
+
+
+def add_config_args(parser: argparse.ArgumentParser, *config_classes: type[BaseConfig],
+                    default_preset: str | None = None) -> None:
+    """One --preset (if any config has presets) and one --<field> flag per distinct field of the configs."""
+    _check_shared_fields(config_classes)
+    # No prefix abbreviations: with them `--lr=1000` would silently set --lr_decay_iters.
+    parser.allow_abbrev = False
+    presets = list(dict.fromkeys(p for c in config_classes for p in c.PRESETS))
+    if presets:
+        parser.add_argument("--preset", choices=presets, default=default_preset, action=_PresetAction,
+                            help=f"start every config from a preset (default: {default_preset})")
+        parser.set_defaults(preset_given=False)
+    added: set[str] = set()
+    for cls in config_classes:
+        group = parser.add_argument_group(f"{cls.__name__} (any field can be overridden, e.g. --field=value)")
+        defaults = cls()
+        types_ = cls.field_types()
+        for f in dataclasses.fields(cls):
+            if f.name in added:
+                continue
+            added.add(f.name)
+            tp, optional = types_[f.name]
             kwargs: dict[str, Any] = {"default": None, "dest": f"cfg__{f.name}",
                                       "help": f"default {getattr(defaults, f.name)!r}"}
             if tp is bool:
@@ -168,8 +252,30 @@ class BaseConfig:
                 kwargs.update(type=tp, metavar=tp.__name__.upper())
             group.add_argument(f"--{f.name}", **kwargs)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "BaseConfig":
-        """Build the config from a parsed namespace: preset, then explicit flags, then validate."""
-        overrides = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
-        return cls.from_preset(getattr(args, "preset", None), **overrides).validate_config()
+
+def configs_from_args(args: argparse.Namespace, *config_classes: type[BaseConfig]) -> tuple[BaseConfig, ...]:
+    """Build and validate every config; the invalid fields of all of them are reported in one line."""
+    configs, errors = [], []
+    for cls in config_classes:
+        cfg = _build(cls, args)
+        errors += cfg.check()
+        configs.append(cfg)
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(errors)))
+    return tuple(configs)
+
+
+def parse_configs(parser: argparse.ArgumentParser, *config_classes: type[BaseConfig],
+                  argv: list[str] | None = None, default_preset: str | None = None) -> tuple:
+    """Add the configs' flags to `parser`, parse `argv`, return `(args, cfg1, cfg2, ...)`, validated.
+
+    On `args` also: `preset` (the preset used, default_preset when none was given), `preset_given`
+    (whether --preset was on the command line) and `overrides` (the fields set explicitly), which a
+    `--resume` needs to tell which flags change the saved run.
+    """
+    add_config_args(parser, *config_classes, default_preset=default_preset)
+    args = parser.parse_args(argv)
+    args.preset_given = getattr(args, "preset_given", False)
+    args.preset = _preset(args)
+    args.overrides = _given(args)
+    return (args, *configs_from_args(args, *config_classes))
