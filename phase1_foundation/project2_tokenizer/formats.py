@@ -211,7 +211,22 @@ def byte_level_bpe(tokens: list[str] | dict[str, int], merges: list[tuple[str, s
 # 4. SentencePiece-style BPE (llama2.c .bin, and HF tokenizer.json converted from SentencePiece)
 # --------------------------------------------------------------------------------------------------
 
-class SentencePieceBPE:
+class _TokenStrings:
+    """bos_token / eos_token as strings ("" when the tokenizer has none): what a chat template inserts."""
+
+    def _string_of(self, token_id: int | None) -> str:
+        return next((s for s, i in self.special_tokens.items() if i == token_id), "") if token_id is not None else ""
+
+    @property
+    def bos_token(self) -> str:
+        return self._string_of(self.bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return self._string_of(self.eos_id)
+
+
+class SentencePieceBPE(_TokenStrings):
     """BPE over UTF-8 characters with byte fallback, as llama2.c's run.c `encode` does it.
 
     INTUITION: start from one token per character (unknown characters become their UTF-8 bytes, tokens
@@ -335,7 +350,7 @@ def load_llama2c_tokenizer(path: str | Path, vocab_size: int | None = None) -> S
 # 5. Hugging Face tokenizer.json
 # --------------------------------------------------------------------------------------------------
 
-class CourseTokenizer:
+class CourseTokenizer(_TokenStrings):
     """Adapter giving project 2's RegexTokenizer the engine's interface (bos/eos, piece_bytes)."""
 
     def __init__(self, tok, bos_id: int | None = None, eos_id: int | None = None, add_bos: bool = False,

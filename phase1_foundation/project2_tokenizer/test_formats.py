@@ -74,11 +74,13 @@ def test_byte_level_tokenizer_json_matches_tokenizers(byte_level):
 
 
 def test_byte_level_special_tokens_and_chat_template(byte_level):
-    from phase3_core_inference.project8_kv_cache.generate import render_chat
+    from phase1_foundation.project2_tokenizer.chat_template import render_chat
 
     ref, ours = byte_level
     assert ours.eos_id == ref.token_to_id("<|im_end|>") and ours.bos_id == ref.token_to_id("<|endoftext|>")
-    text = render_chat(ours.chat_template, [{"role": "user", "content": "hi there"}], ours)
+    assert (ours.bos_token, ours.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    text = render_chat(ours.chat_template, [{"role": "user", "content": "hi there"}], bos_token=ours.bos_token,
+                       eos_token=ours.eos_token)
     assert text == "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
     ids = ours.encode(text, bos=False)
     assert ids == ref.encode(text).ids and ids[0] == ref.token_to_id("<|im_start|>")
