@@ -21,9 +21,9 @@ import torch
 
 from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
+from phase1_foundation.project3_pretrain.loading import load_model, load_tokenizer_for
 from phase3_core_inference.project8_kv_cache.config import GenerateConfig
 from phase3_core_inference.project8_kv_cache.engine import Engine, TextStream
-from phase3_core_inference.project8_kv_cache.loading import load_model, load_tokenizer_for
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
 
 
