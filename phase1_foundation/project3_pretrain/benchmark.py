@@ -25,8 +25,9 @@ from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project3_pretrain.config import LlamaConfig
-from phase1_foundation.project3_pretrain.flops import gpu_peak, measure_matmul_peak
-from phase1_foundation.project3_pretrain.train import build_model, count_params, model_flops_per_token, read_log
+from phase1_foundation.project3_pretrain.flops import count_params, gpu_peak, measure_matmul_peak, model_flops_per_token
+from phase1_foundation.project3_pretrain.loading import build_model
+from phase1_foundation.project3_pretrain.run_log import read_log
 
 RUNS = {"LLaMA-style (cpu preset)": "checkpoints/project3/cpu", "GPT (project 1 arch)": "checkpoints/project3/gpt"}
 

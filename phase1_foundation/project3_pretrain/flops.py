@@ -38,6 +38,16 @@ def flops_per_token(model: nn.Module, n_layer: int, n_head: int, head_dim: int, 
     return 6 * matmul_params(model) + 12 * n_layer * n_head * head_dim * seq_len
 
 
+def model_flops_per_token(arch: str, model: nn.Module, cfg) -> float:
+    """Training FLOPs per token of either architecture train.py builds ("llama" or "gpt") at cfg's context."""
+    head_dim = cfg.hd if arch == "llama" else cfg.n_embd // cfg.n_head
+    return flops_per_token(model, cfg.n_layer, cfg.n_head, head_dim, cfg.block_size)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied matrix appears once
+
+
 def gpu_peak(device: torch.device, dtype: torch.dtype) -> float | None:
     name = torch.cuda.get_device_name(device)
     for key, peaks in GPU_PEAKS.items():

@@ -21,53 +21,9 @@ import torch
 
 from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
-from course.paths import REPO_ROOT, repo_path
+from course.paths import REPO_ROOT
 from phase1_foundation.project1_minimal_gpt.generate import stream_tokens
-from phase1_foundation.project2_tokenizer.formats import load_tokenizer
-from phase1_foundation.project3_pretrain.hf_interop import import_hf
-from phase1_foundation.project3_pretrain.train import load_model_from_checkpoint
-
-DEFAULT_CKPT = REPO_ROOT / "checkpoints" / "project3" / "cpu" / "ckpt.pt"
-DEFAULT_TOKENIZER = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
-
-
-@torch.inference_mode()
-def generate_ids(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                 stop_token: int | None = None) -> torch.Tensor:
-    """prompt ids (1, T) -> prompt + continuation (1, T + n), through project 1's stream_tokens."""
-    out = idx.tolist()[0]
-    for tok in stream_tokens(model, idx, max_new_tokens, model.config.block_size, temperature, top_k, top_p,
-                             generator):
-        out.append(tok)
-        if tok == stop_token:
-            break
-    return torch.tensor([out], dtype=torch.long)
-
-
-def load_any(ckpt: str | None, hf_dir: str | None, device: torch.device) -> tuple[torch.nn.Module, Path | None]:
-    """(model, tokenizer path stored with it or None) from a train.py checkpoint or an HF folder."""
-    if hf_dir:
-        tok = Path(hf_dir) / "tokenizer.pkl"
-        return import_hf(hf_dir).to(device), (tok if tok.is_file() else None)
-    model, state = load_model_from_checkpoint(ckpt or DEFAULT_CKPT, device)
-    tok = state.get("data_meta", {}).get("tokenizer")
-    # the copy prepare_data.py keeps next to the shards (stored relative to the repo root)
-    for cand in ([repo_path(tok)] if tok else []) + [REPO_ROOT / "data" / "project3" / "tokenizer.pkl"]:
-        if cand.is_file():
-            return model, cand
-    return model, None
-
-
-def load_matching_tokenizer(path: Path, model: torch.nn.Module):
-    if not path.is_file():
-        raise CourseError(f"tokenizer not found: {path}; pass --tokenizer PATH (project 2's tokenizer.pkl)")
-    tok = load_tokenizer(path)
-    n = max(tok.vocab_size, (tok.eot_token or 0) + 1)
-    if n != model.config.vocab_size:
-        raise CourseError(f"{path} has {n} token ids but the model's vocabulary is {model.config.vocab_size}; "
-                          "use the tokenizer the model was trained with")
-    return tok
+from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
 
 
 def main() -> None:

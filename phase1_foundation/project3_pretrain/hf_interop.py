@@ -1,5 +1,11 @@
 """Speak the ecosystem's format: export our Llama to a Hugging Face folder and import any HF LLaMA checkpoint.
 
+THE ONE DOOR: every model format enters through `model_from_tensors(config, tensors)`: a LlamaConfig and a dict
+of tensors named as Hugging Face's LlamaForCausalLM names them. A format is then only a reader that produces
+those two things: `read_hf(folder)` here, `llama2c.read_llama2c(path)`, `gguf_io.read_gguf(path)`. The door
+checks what every reader would otherwise check again: each expected tensor is present with the shape the config
+implies, nothing unexpected is left over, and a tied classifier shares the embedding.
+
 Format: a folder with `config.json` (LlamaConfig fields: hidden_size, num_attention_heads, ...) and
 `model.safetensors` (or sharded `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`), tensor
 names as `LlamaForCausalLM.state_dict()` has them:
@@ -30,7 +36,6 @@ from safetensors.torch import load_file, save
 
 from course.checkpoint import atomic_write, atomic_write_json
 from course.errors import CourseError
-from course.paths import repo_path
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
@@ -144,8 +149,8 @@ def hf_config_from_llama(cfg: LlamaConfig, dtype: str = "float32") -> dict:
 
 
 # ---- weights ------------------------------------------------------------------------------------
-def _name_map(cfg: LlamaConfig) -> dict[str, str]:
-    """ours -> HF tensor names."""
+def hf_name_map(cfg: LlamaConfig) -> dict[str, str]:
+    """Our state-dict names -> Hugging Face LlamaForCausalLM names (no lm_head entry when tied)."""
     names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     per_layer = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
                  "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
@@ -170,7 +175,7 @@ def export_hf(model: Llama, out_dir: str | os.PathLike, tokenizer_path: str | os
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = model.state_dict()
-    tensors = {theirs: state[ours].detach().to("cpu").contiguous().clone() for ours, theirs in _name_map(cfg).items()}
+    tensors = {theirs: state[ours].detach().to("cpu").contiguous().clone() for ours, theirs in hf_name_map(cfg).items()}
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(out / "model.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
     atomic_write_json(out / "config.json", hf_config_from_llama(cfg, dtype))
@@ -205,8 +210,50 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
                       "(only safetensors checkpoints are supported)")
 
 
-def import_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Llama:
-    """Load any HF LLaMA-architecture checkpoint folder into our Llama (fp32 unless dtype is given)."""
+def model_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], source: str = "tensors") -> Llama:
+    """(config, HF-named tensors) -> our Llama in eval mode, float32: the one in-memory door of every format.
+
+    INTUITION: a checkpoint format is a container; what is inside is always a config and named matrices. Checking
+    them once, here, gives every reader (HF folder, llama2.c, GGUF) the same errors for the same faults.
+    IMPLEMENTATION: every name of `hf_name_map(config)` must be present with the shape the config implies; any
+    other tensor is an error naming it, except RoPE's `rotary_emb.inv_freq` (recomputed) and, for a tied model,
+    an `lm_head.weight` copy (the embedding is used). Each fault is one CourseError that starts with `source`.
+    """
+    try:
+        config.validate_config()
+    except CourseError as e:
+        raise CourseError(f"{source}: {e}") from None
+    model = Llama(config)
+    expected = model.state_dict()
+    names = hf_name_map(config)
+    missing = [theirs for theirs in names.values() if theirs not in tensors]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CourseError(f"{source}: tensor(s) {', '.join(repr(m) for m in missing[:3])}{more} missing from the "
+                          "weights; the file is incomplete or not a LLaMA checkpoint")
+    known = set(names.values()) | {"lm_head.weight"}  # a tied checkpoint may still carry a copy of lm_head
+    extra = sorted(k for k in tensors if k not in known and not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise CourseError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}{more} for a LLaMA checkpoint")
+    state = {}
+    for ours, theirs in names.items():
+        t = tensors[theirs]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise CourseError(f"{source}: '{theirs}' is {getattr(t, 'dtype', type(t).__name__)}, not a float tensor"
+                              " (dequantize it first)")
+        if tuple(t.shape) != tuple(expected[ours].shape):
+            raise CourseError(f"{source}: '{theirs}' has shape {tuple(t.shape)} but the config implies "
+                              f"{tuple(expected[ours].shape)}")
+        state[ours] = t
+    if config.tie_embeddings:  # one matrix, two names: load_state_dict wants both
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)  # copies into our float32 parameters (any float dtype in)
+    return model.eval()
+
+
+def read_hf(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face LLaMA folder -> (our config, its tensors by HF name), without building a model."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -215,80 +262,17 @@ def import_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Ll
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CourseError(f"{cfg_path} is not valid JSON ({e})") from None
-    cfg = llama_config_from_hf(hf, str(cfg_path))
-    tensors = _load_tensors(folder)
-    model = Llama(cfg)
-    expected = model.state_dict()
-    names = _name_map(cfg)
-    state = {}
-    for ours, theirs in names.items():
-        if theirs not in tensors:
-            raise CourseError(f"{folder}: tensor '{theirs}' missing from the weights")
-        t = tensors[theirs]
-        if tuple(t.shape) != tuple(expected[ours].shape):
-            raise CourseError(f"{folder}: '{theirs}' has shape {tuple(t.shape)} but config.json implies "
-                              f"{tuple(expected[ours].shape)}")
-        state[ours] = t.float()
-    known = set(names.values()) | {"lm_head.weight"}  # a tied checkpoint may still carry a copy of lm_head
-    extra = [k for k in tensors if k not in known and not k.endswith("rotary_emb.inv_freq")]
-    if extra:
-        raise CourseError(f"{folder}: unexpected tensor(s) {', '.join(sorted(extra)[:5])} for a LLaMA checkpoint")
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True)
+    return llama_config_from_hf(hf, str(cfg_path)), _load_tensors(folder)
+
+
+def import_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Llama:
+    """Load any HF LLaMA-architecture checkpoint folder into our Llama (fp32 unless dtype is given)."""
+    cfg, tensors = read_hf(folder)
+    model = model_from_tensors(cfg, tensors, source=str(folder))
     if dtype is not None:
         model.to(dtype)
-    return model.eval()
+    return model
 
 
-def main() -> None:
-    """CLI: export a train.py checkpoint to an HF folder and check transformers continues text as we do."""
-    import argparse
-    p = argparse.ArgumentParser(description="Export a project-3 checkpoint to the Hugging Face layout and check that "
-                                "transformers' LlamaForCausalLM gives the same logits and greedy continuation.")
-    p.add_argument("--ckpt", default="checkpoints/project3/cpu/ckpt.pt", help="train.py checkpoint")
-    p.add_argument("--out_dir", default="checkpoints/project3/hf", help="folder to write")
-    p.add_argument("--tokenizer", default=None, help="tokenizer .pkl to copy in (default: the training one)")
-    p.add_argument("--prompt", default="It was a dark and stormy night", help="prompt for the greedy check")
-    p.add_argument("--max_new_tokens", type=int, default=40)
-    p.add_argument("--no_check", action="store_true", help="export only (no transformers needed)")
-    p.add_argument("--seed", type=int, default=0, help="unused: export and greedy decoding are deterministic")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args()
-    from phase1_foundation.project3_pretrain.generate import (DEFAULT_TOKENIZER, generate_ids, load_any,
-                                                              load_matching_tokenizer)
-    model, stored_tok = load_any(args.ckpt, None, torch.device("cpu"))
-    if not isinstance(model, Llama):
-        raise CourseError(f"{args.ckpt} holds a {type(model).__name__}; only the LLaMA architecture exports to HF")
-    tok_path = Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER)
-    tok = load_matching_tokenizer(tok_path, model)
-    out = export_hf(model, repo_path(args.out_dir), tok_path)
-    print(f"exported {model.num_params():,} parameters to {out}/ (config.json, model.safetensors, tokenizer.pkl)")
-    if args.no_check:
-        return
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:
-        raise CourseError("the check needs transformers (uv sync --group dev); or pass --no_check") from None
-    ref = LlamaForCausalLM.from_pretrained(out).eval()
-    idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
-    with torch.no_grad():
-        diff = (ref(idx).logits - model(idx)[0]).abs().max().item()
-    theirs = ref.generate(idx, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.eot_token,
-                          eos_token_id=None)
-    ours = generate_ids(model, idx, args.max_new_tokens, temperature=0.0)
-    same = theirs.tolist() == ours.tolist()
-    print(f"ours:         {tok.decode(ours[0].tolist())!r}")
-    print(f"transformers: {tok.decode(theirs[0].tolist())!r}")
-    print(f"done: max_logit_diff={diff:.2e} greedy_identical={same} new_tokens={args.max_new_tokens}")
-    if not same:
-        raise CourseError("transformers' greedy continuation differs from ours")
-
-
-__all__ = ["export_hf", "import_hf", "llama_config_from_hf", "hf_config_from_llama", "permute_rope",
-           "unpermute_rope"]
-
-
-if __name__ == "__main__":
-    from course.errors import run_cli
-    run_cli(main)
+__all__ = ["model_from_tensors", "hf_name_map", "read_hf", "import_hf", "export_hf", "llama_config_from_hf",
+           "hf_config_from_llama", "permute_rope", "unpermute_rope"]

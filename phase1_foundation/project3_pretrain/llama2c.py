@@ -1,4 +1,4 @@
-"""Read llama2.c model files (.bin) into Hugging Face LLaMA layout, for project 3's importer.
+"""Read llama2.c model files (.bin): a reader for the one door, hf_interop.model_from_tensors.
 
 PAPER / SOURCE: karpathy/llama2.c (2023), a LLaMA-2 architecture in one C file; its `export.py` writes
 checkpoints as a small header followed by raw float32 weights.
@@ -16,6 +16,9 @@ rotate dimension i with i + head_dim/2 ("split-half"). Both are the same rotatio
 basis, so reordering the output rows of wq and wk head by head (HF's convert_llama_weights_to_hf
 `permute`, project 3's `permute_rope`) makes split-half RoPE compute exactly what interleaved RoPE computed. q.k is unchanged because
 q and k get the same permutation; wv and wo are untouched.
+
+`read_llama2c(path)` returns (LlamaConfig, tensors named as Hugging Face names them); `load_llama2c(path)`
+builds the model from them through `model_from_tensors`, in memory, as every other format does.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 
 from course.errors import CourseError
-from phase1_foundation.project3_pretrain.hf_interop import permute_rope
+from phase1_foundation.project3_pretrain.hf_interop import model_from_tensors, permute_rope
+from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
 
 MAGIC_V1 = 0x616B3432  # "ak42"
 
@@ -59,8 +63,8 @@ def read_llama2c_header(path: Path) -> tuple[dict, int, int, bool]:
     return p, offset, version, shared
 
 
-def load_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read a llama2.c .bin; return (HF LlamaConfig dict, HF-named state dict with RoPE rows permuted)."""
+def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Read a llama2.c .bin; return (our config, HF-named tensors with the q/k RoPE rows permuted)."""
     path = Path(path)
     if not path.is_file():
         raise CourseError(f"model file not found: {path}")
@@ -118,12 +122,14 @@ def load_llama2c(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not shared:
         sd["lm_head.weight"] = w["wcls"]
     sd = {k: v.contiguous() for k, v in sd.items()}
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": dim, "intermediate_size": hidden, "num_hidden_layers": L,
-        "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": vocab,
-        "max_position_embeddings": seq, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": shared, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "float32",
-    }
+    # llama2.c's run.c: RMSNorm eps 1e-5, RoPE base 10000, the context its model was trained with
+    config = LlamaConfig(block_size=seq, vocab_size=vocab, n_layer=L, n_head=nh, n_kv_head=nkv, n_embd=dim,
+                         intermediate_size=hidden, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=shared,
+                         dropout=0.0)
     return config, sd
+
+
+def load_llama2c(path: str | Path) -> Llama:
+    """A llama2.c .bin -> our Llama (eval, float32), through the one door."""
+    config, tensors = read_llama2c(path)
+    return model_from_tensors(config, tensors, source=str(path))

@@ -1,38 +1,136 @@
-"""Find, load and check a model and its tokenizer from whatever the user points --model at.
+"""Find, load and check a model and its tokenizer, from whatever the user points a script at.
 
-    checkpoints/project3/.../ckpt.pt        one of ours (project 3's training checkpoint)
-    path/to/folder/                         a Hugging Face LLaMA-architecture folder (config.json + safetensors),
-                                            through project 3's importer (hf_interop.import_hf)
+    checkpoints/project3/.../ckpt.pt        one of ours (train.py's checkpoint: a LLaMA, or the GPT baseline)
+    path/to/folder/                         a Hugging Face LLaMA-architecture folder (config.json + safetensors)
     TinyLlama/TinyLlama-1.1B-Chat-v1.0      a Hugging Face hub id: downloaded with huggingface_hub, then as above
     data/stories260k/stories260K.bin        a llama2.c model file
 
-Every failure is one CourseError line that says what to do.
+Two levels. `load_model_from_checkpoint` / `load_any` / `load_matching_tokenizer` are what this project's
+scripts need (our checkpoints, or an HF folder, with the course tokenizer). `load_model(spec)` /
+`load_tokenizer_for(loaded)` take any of the four specs above and are what later projects' scripts build on
+(project 8's generate.py and benchmark, fine-tuning, serving). Every foreign format goes through the one door,
+`hf_interop.model_from_tensors`. Every failure is one CourseError line that says what to do.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from course.errors import CourseError
+from course.checkpoint import load_checkpoint
+from course.errors import ConfigError, CourseError
 from course.paths import REPO_ROOT, repo_path
-from phase1_foundation.project2_tokenizer.formats import load_hf_tokenizer, load_llama2c_tokenizer
+from phase1_foundation.project1_minimal_gpt.config import GPTConfig
+from phase1_foundation.project1_minimal_gpt.model import GPT
+from phase1_foundation.project2_tokenizer.formats import (CourseTokenizer, load_hf_tokenizer, load_llama2c_tokenizer,
+                                                          load_tokenizer)
+from phase1_foundation.project3_pretrain.config import LlamaConfig
+from phase1_foundation.project3_pretrain.data import TRAIN_CMD
 from phase1_foundation.project3_pretrain.hf_interop import import_hf
+from phase1_foundation.project3_pretrain.llama2c import load_llama2c, read_llama2c_header
 from phase1_foundation.project3_pretrain.model import Llama
-from phase3_core_inference.project8_kv_cache.llama2c import load_llama2c, read_llama2c_header
 
+DEFAULT_CKPT = REPO_ROOT / "checkpoints" / "project3" / "cpu" / "ckpt.pt"
+DEFAULT_TOKENIZER = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
+PREPARED_TOKENIZER = REPO_ROOT / "data" / "project3" / "tokenizer.pkl"  # the copy prepare_data.py keeps
+ARCHS = ("llama", "gpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
-DEFAULT_COURSE_TOKENIZER = REPO_ROOT / "checkpoints" / "project2" / "tokenizer.pkl"
 
 
+# ---- the two architectures train.py builds ------------------------------------------------------------
+def gpt_config_for(cfg: LlamaConfig) -> GPTConfig:
+    """Project 1's GPT with the same depth, width, heads, context and vocabulary (no biases).
+
+    With the `cpu` preset (intermediate_size=608) the two models have exactly the same parameter count:
+    GQA's smaller K/V projections and the absent position table are paid back by a wider SwiGLU.
+    """
+    return GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=False).validate_config()
+
+
+def build_model(arch: str, cfg: LlamaConfig) -> torch.nn.Module:
+    if arch == "gpt":
+        return GPT(gpt_config_for(cfg))
+    return Llama(cfg)
+
+
+# ---- this project's checkpoints -----------------------------------------------------------------------
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, checkpoint dict) of a train.py checkpoint.
+
+    Checked before anything is loaded: that it is a project-3 checkpoint (a project 1 one says so), a known
+    architecture, a valid stored config, and weights whose names and shapes that config implies.
+    """
+    path = repo_path(path)
+    state = load_checkpoint(path, map_location="cpu", hint=f"train one first with: {TRAIN_CMD}")
+    if not isinstance(state, dict):
+        raise CourseError(f"{path} holds a {type(state).__name__}, not a checkpoint dict; train one with: {TRAIN_CMD}")
+    if "model_config" not in state and ("chars" in state or "config" in state):
+        raise CourseError(f"{path} is a project 1 checkpoint (the character-level GPT); project 3 loads the "
+                          f"checkpoints of its own train.py: {TRAIN_CMD}")
+    missing = [k for k in ("model_state_dict", "model_config") if k not in state]
+    if missing:
+        raise CourseError(f"{path} is not a project-3 checkpoint (missing {', '.join(missing)})")
+    arch = state.get("arch", "llama")
+    if arch not in ARCHS:
+        raise CourseError(f"{path}: unknown architecture '{arch}' (expected one of {', '.join(ARCHS)})")
+    try:
+        mcfg = LlamaConfig.from_dict(state["model_config"]).validate_config()
+    except ConfigError as e:
+        raise CourseError(f"{path}: the stored model config is invalid ({e}); the checkpoint is corrupt or "
+                          "from another project") from None
+    with torch.device("meta"):  # the expected names and shapes, without allocating the weights twice
+        expected = build_model(arch, mcfg).state_dict()
+    # a checkpoint of a torch.compile'd model prefixes every name with _orig_mod.
+    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model_state_dict"].items()}
+    for name, t in weights.items():
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            raise CourseError(f"{path}: tensor '{name}' has shape {tuple(t.shape)} but the stored config implies "
+                              f"{tuple(expected[name].shape)}; the checkpoint is corrupt or from another model")
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        what = "; ".join(f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                         for label, names in (("missing", missing), ("unexpected", unexpected)) if names)
+        raise CourseError(f"{path}: the weights do not match a {arch} model of the stored "
+                          f"config ({what}); the checkpoint is corrupt or from another model")
+    model = build_model(arch, mcfg)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), state
+
+
+def load_any(ckpt: str | None, hf_dir: str | None, device: torch.device) -> tuple[torch.nn.Module, Path | None]:
+    """(model, tokenizer path stored with it or None) from a train.py checkpoint or an HF folder."""
+    if hf_dir:
+        tok = Path(hf_dir) / "tokenizer.pkl"
+        return import_hf(hf_dir).to(device), (tok if tok.is_file() else None)
+    model, state = load_model_from_checkpoint(ckpt or DEFAULT_CKPT, device)
+    tok = state.get("data_meta", {}).get("tokenizer")
+    # the copy prepare_data.py keeps next to the shards (stored relative to the repo root)
+    for cand in ([repo_path(tok)] if tok else []) + [PREPARED_TOKENIZER]:
+        if cand.is_file():
+            return model, cand
+    return model, None
+
+
+def load_matching_tokenizer(path: Path, model: torch.nn.Module):
+    """Project 2's tokenizer at path, checked to have exactly as many ids as the model's vocabulary."""
+    if not path.is_file():
+        raise CourseError(f"tokenizer not found: {path}; pass --tokenizer PATH (project 2's tokenizer.pkl)")
+    tok = load_tokenizer(path)
+    n = max(tok.vocab_size, (tok.eot_token or 0) + 1)
+    if n != model.config.vocab_size:
+        raise CourseError(f"{path} has {n} token ids but the model's vocabulary is {model.config.vocab_size}; "
+                          "use the tokenizer the model was trained with")
+    return tok
+
+
+# ---- any model: ours, an HF folder or hub id, a llama2.c file ------------------------------------------
 @dataclass
 class Loaded:
     model: Llama
@@ -59,9 +157,7 @@ def hub_download(repo_id: str) -> Path:
 
 
 def _load_ours(path: Path) -> tuple[Llama, Path | None]:
-    """Project 3's own loader (shape checks that name the tensor), plus the tokenizer its data was made with."""
-    from phase1_foundation.project3_pretrain.generate import load_any
-
+    """Our checkpoint (shape checks that name the tensor), plus the tokenizer its data was made with."""
     model, tokenizer = load_any(str(path), None, torch.device("cpu"))
     if not isinstance(model, Llama):
         raise CourseError(f"{path} holds project 1's GPT (train.py --arch gpt), not a Llama; the KV-cache engine "
@@ -69,16 +165,8 @@ def _load_ours(path: Path) -> tuple[Llama, Path | None]:
     return model, tokenizer
 
 
-def _load_llama2c_model(path: Path) -> Llama:
-    """llama2.c .bin -> HF layout (RoPE rows permuted) -> project 3's importer, through a temporary folder."""
-    config, state = load_llama2c(path)
-    with tempfile.TemporaryDirectory(prefix="llama2c_") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        save_file(state, str(Path(tmp) / "model.safetensors"))
-        return import_hf(tmp)
-
-
 def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
+    """A checkpoint .pt, an HF folder, a llama2.c .bin or a hub id -> Loaded (model in eval mode on device)."""
     path = repo_path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -91,7 +179,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
             loaded = Loaded(model, "ours", None, path, tok_path)
         elif path.suffix == ".bin":
             read_llama2c_header(path)  # a clear error if it is not one
-            loaded = Loaded(_load_llama2c_model(path), "llama2c", None, path)
+            loaded = Loaded(load_llama2c(path), "llama2c", None, path)
         else:
             raise CourseError(f"unknown model format: {path} (expected a checkpoint .pt, a llama2.c .bin, "
                               "a Hugging Face folder or a hub id)")
@@ -123,7 +211,7 @@ def load_tokenizer_for(loaded: Loaded, spec: str | None = None):
     if loaded.kind == "hf":
         if (loaded.folder / "tokenizer.json").is_file():
             return load_hf_tokenizer(loaded.folder)
-        if (loaded.folder / "tokenizer.pkl").is_file():  # written by project 3's export_hf
+        if (loaded.folder / "tokenizer.pkl").is_file():  # written by export_hf
             return course_tokenizer(loaded.folder / "tokenizer.pkl")
         raise CourseError(f"no tokenizer.json or tokenizer.pkl in {loaded.folder}; pass one with --tokenizer")
     if loaded.kind == "llama2c":
@@ -133,16 +221,14 @@ def load_tokenizer_for(loaded: Loaded, spec: str | None = None):
         raise CourseError(f"pass the llama2.c tokenizer of {loaded.path.name} with --tokenizer (e.g. tok512.bin)")
     if loaded.tokenizer is not None:
         return course_tokenizer(loaded.tokenizer)
-    if DEFAULT_COURSE_TOKENIZER.is_file():
-        return course_tokenizer(DEFAULT_COURSE_TOKENIZER)
-    raise CourseError(f"no tokenizer given and {DEFAULT_COURSE_TOKENIZER} does not exist; train it with project 2 "
+    if DEFAULT_TOKENIZER.is_file():
+        return course_tokenizer(DEFAULT_TOKENIZER)
+    raise CourseError(f"no tokenizer given and {DEFAULT_TOKENIZER} does not exist; train it with project 2 "
                       "or pass one with --tokenizer")
 
 
 def course_tokenizer(path: Path):
     """Project 2's tokenizer (.pkl), with <|endoftext|> as the end-of-text token (and BOS for our models)."""
-    from phase1_foundation.project2_tokenizer.formats import CourseTokenizer, load_tokenizer
-
     if not path.is_file():
         raise CourseError(f"tokenizer not found: {path}")
     tok = load_tokenizer(str(path))

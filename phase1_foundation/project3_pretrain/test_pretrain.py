@@ -271,7 +271,7 @@ def test_train_gpt_baseline_and_bits_per_byte(corpus, tmp_path):
 
 
 def test_evaluate_ids_matches_a_direct_computation():
-    from phase1_foundation.project3_pretrain.evaluate import evaluate_ids
+    from phase1_foundation.project3_pretrain.perplexity import evaluate_ids
     model = tiny()
     ids = np.random.default_rng(1).integers(0, 97, size=32 * 3 + 1)
     r = evaluate_ids(model, ids, n_bytes=400, batch_size=2, progress=False)
@@ -285,8 +285,8 @@ def test_evaluate_ids_matches_a_direct_computation():
 
 
 def test_bad_data_and_checkpoints_get_one_clear_error(corpus, tmp_path):
-    from phase1_foundation.project3_pretrain.generate import load_matching_tokenizer
-    from phase1_foundation.project3_pretrain.train import TokenData, load_model_from_checkpoint
+    from phase1_foundation.project3_pretrain.data import TokenData
+    from phase1_foundation.project3_pretrain.loading import load_matching_tokenizer, load_model_from_checkpoint
     with pytest.raises(CourseError, match="meta.json not found"):
         TokenData(tmp_path, 16)
     shards = corpus[0] / "shards"
@@ -408,7 +408,7 @@ def test_import_hf_reads_sharded_checkpoints(tmp_path):
 
 
 def test_hf_greedy_generation_matches_ours(tmp_path):
-    from phase1_foundation.project3_pretrain.generate import generate_ids
+    from phase1_foundation.project3_pretrain.generation import generate_ids
     ours = tiny(tie_embeddings=False)
     export_hf(ours, tmp_path)
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()

@@ -30,7 +30,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,90 +37,14 @@ from course.checkpoint import capture_rng_state, load_checkpoint, restore_rng_st
 from course.device import device_summary, get_device, set_seed
 from course.errors import ConfigError, CourseError, run_cli
 from course.paths import repo_path
-from course.plots import plot_curves
-from phase1_foundation.project1_minimal_gpt.config import GPTConfig
-from phase1_foundation.project1_minimal_gpt.model import GPT
 from phase1_foundation.project1_minimal_gpt.train import cosine_lr, estimate_loss
 from phase1_foundation.project3_pretrain.config import LlamaConfig, TrainConfig
-from phase1_foundation.project3_pretrain.flops import flops_per_token, gpu_peak, measure_matmul_peak
-from phase1_foundation.project3_pretrain.model import Llama
+from phase1_foundation.project3_pretrain.data import TRAIN_CMD, TokenData
+from phase1_foundation.project3_pretrain.flops import count_params, gpu_peak, measure_matmul_peak, model_flops_per_token
+from phase1_foundation.project3_pretrain.loading import build_model
+from phase1_foundation.project3_pretrain.run_log import plot_run
 
-TRAIN_CMD = "uv run python phase1_foundation/project3_pretrain/train.py"
-PREPARE_CMD = "uv run python phase1_foundation/project3_pretrain/prepare_data.py"
 LN2 = math.log(2)
-
-
-# ---- data ---------------------------------------------------------------------------------------
-class TokenData:
-    """The uint16 token shards written by prepare_data.py, memory-mapped (the corpus never sits in RAM).
-
-    meta.json carries vocab_size, the tokenizer path and, per split, the token and UTF-8 byte counts, so
-    bits per byte = loss (nats/token) / ln 2 * tokens / bytes is exact for the split.
-    """
-
-    def __init__(self, data_dir: str | Path, block_size: int):
-        self.dir = Path(data_dir)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.is_file():
-            raise CourseError(f"{meta_path} not found; tokenize the corpus first: {PREPARE_CMD}")
-        self.meta = json.loads(meta_path.read_text())
-        self.splits: dict[str, np.memmap] = {}
-        for split in ("train", "val"):
-            path = self.dir / f"{split}.bin"
-            if not path.is_file():
-                raise CourseError(f"{path} not found; re-run {PREPARE_CMD}")
-            arr = np.memmap(path, dtype=np.uint16, mode="r")
-            if len(arr) < block_size + 1:
-                raise CourseError(f"{path} holds {len(arr):,} tokens, fewer than one block of block_size+1 = "
-                                  f"{block_size + 1}; use more text or a smaller --block_size")
-            self.splits[split] = arr
-        self.block_size = block_size
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    def tokens_per_byte(self, split: str) -> float:
-        s = self.meta["splits"][split]
-        return s["tokens"] / s["bytes"]
-
-    def get_batch(self, split: str, batch_size: int, device: torch.device, generator: torch.Generator):
-        """batch_size random windows of block_size+1 tokens: inputs x, next-token targets y."""
-        data = self.splits[split]
-        T = self.block_size
-        ix = torch.randint(len(data) - T - 1, (batch_size,), generator=generator).tolist()
-        buf = torch.from_numpy(np.stack([data[i:i + T + 1] for i in ix]).astype(np.int64))
-        x, y = buf[:, :-1], buf[:, 1:]
-        if device.type == "cuda":  # pinned + non_blocking: the copy overlaps the previous step
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-
-# ---- models -------------------------------------------------------------------------------------
-def gpt_config_for(cfg: LlamaConfig) -> GPTConfig:
-    """Project 1's GPT with the same depth, width, heads, context and vocabulary (no biases).
-
-    With the `cpu` preset (intermediate_size=608) the two models have exactly the same parameter count:
-    GQA's smaller K/V projections and the absent position table are paid back by a wider SwiGLU.
-    """
-    return GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=False).validate_config()
-
-
-def build_model(arch: str, cfg: LlamaConfig) -> torch.nn.Module:
-    if arch == "gpt":
-        return GPT(gpt_config_for(cfg))
-    return Llama(cfg)
-
-
-def model_flops_per_token(arch: str, model: torch.nn.Module, cfg: LlamaConfig) -> float:
-    """Training FLOPs per token of either architecture at the config's context (flops.py: 6N + attention)."""
-    head_dim = cfg.hd if arch == "llama" else cfg.n_embd // cfg.n_head
-    return flops_per_token(model, cfg.n_layer, cfg.n_head, head_dim, cfg.block_size)
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # a tied matrix appears once
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -150,33 +73,6 @@ def _state(model, optimizer, scaler, it, mcfg, tcfg, arch, losses, elapsed, toke
             "arch": arch, "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(), "seed": seed,
             "rng_state": capture_rng_state(), "batch_rng_state": batch_gen.get_state(), "elapsed_s": elapsed,
             "tokens_seen": tokens, "lr_horizon": horizon, "data_meta": meta}
-
-
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, checkpoint dict) for generate.py / evaluate.py / hf export, with clear errors."""
-    path = repo_path(path)
-    state = load_checkpoint(path, map_location="cpu", hint=f"train one first with: {TRAIN_CMD}")
-    missing = [k for k in ("model_state_dict", "model_config") if k not in state]
-    if missing:
-        raise CourseError(f"{path} is not a project-3 checkpoint (missing {', '.join(missing)})")
-    mcfg = LlamaConfig.from_dict(state["model_config"])
-    model = build_model(state.get("arch", "llama"), mcfg)
-    expected = model.state_dict()
-    # a checkpoint of a torch.compile'd model prefixes every name with _orig_mod.
-    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model_state_dict"].items()}
-    for name, t in weights.items():
-        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
-            raise CourseError(f"{path}: tensor '{name}' has shape {tuple(t.shape)} but the stored config implies "
-                              f"{tuple(expected[name].shape)}; the checkpoint is corrupt or from another model")
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    if missing or unexpected:
-        what = "; ".join(f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                         for label, names in (("missing", missing), ("unexpected", unexpected)) if names)
-        raise CourseError(f"{path}: the weights do not match a {state.get('arch', 'llama')} model of the stored "
-                          f"config ({what}); the checkpoint is corrupt or from another model")
-    model.load_state_dict(weights)
-    return model.to(device).eval(), state
 
 
 def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: int = 1337, resume: bool = False,
@@ -362,28 +258,6 @@ def _tensorboard(path: Path):
     except ImportError:  # tensorboard is optional: the JSONL log and the PNG carry the same numbers
         return None
     return SummaryWriter(str(path))
-
-
-def read_log(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise CourseError(f"{path} not found; train first: {TRAIN_CMD}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_run(out_dir: Path) -> None:
-    recs = read_log(out_dir / "log.jsonl")
-    tr = [r for r in recs if r["kind"] == "train"]
-    ev = [r for r in recs if r["kind"] == "eval"]
-    if len(ev) < 2:
-        return
-    curves = {"train (batch)": ([r["iter"] for r in tr], [r["loss"] for r in tr]),
-              "train (eval)": ([r["iter"] for r in ev], [r["train_loss"] for r in ev]),
-              "val": ([r["iter"] for r in ev], [r["val_loss"] for r in ev])}
-    plot_curves(out_dir / "curves.png", curves, title=f"{out_dir.name}: loss", xlabel="iteration",
-                ylabel="cross-entropy (nats/token)")
-    plot_curves(out_dir / "val_bpb.png", {"val": ([r["elapsed_s"] / 60 for r in ev], [r["val_bpb"] for r in ev])},
-                title=f"{out_dir.name}: validation bits per byte", xlabel="wall-clock minutes", ylabel="bits/byte")
 
 
 def build_parser() -> argparse.ArgumentParser:

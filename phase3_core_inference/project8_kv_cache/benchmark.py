@@ -146,13 +146,13 @@ def ours_runner(model: Llama, prompt: list[int], fast_kernels: bool = True):
 def hf_model_sharing(model: Llama):
     """A transformers LlamaForCausalLM whose parameters ARE our tensors (no copy): same weights, same memory."""
     import transformers
-    from phase1_foundation.project3_pretrain.hf_interop import _name_map, hf_config_from_llama
+    from phase1_foundation.project3_pretrain.hf_interop import hf_config_from_llama, hf_name_map
 
     cfg = transformers.LlamaConfig(**hf_config_from_llama(model.config))
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(cfg)
     ours = model.state_dict()
-    state = {theirs: ours[mine] for mine, theirs in _name_map(model.config).items()}
+    state = {theirs: ours[mine] for mine, theirs in hf_name_map(model.config).items()}
     if model.config.tie_embeddings:
         state["lm_head.weight"] = ours["tok_emb.weight"]
     hf.load_state_dict(state, strict=True, assign=True)

@@ -17,9 +17,9 @@ from course.checkpoint import save_checkpoint
 from course.errors import CourseError
 from course.paths import REPO_ROOT
 from phase1_foundation.project3_pretrain.hf_interop import export_hf
+from phase1_foundation.project3_pretrain.loading import hub_download, load_model
 from phase1_foundation.project3_pretrain.model import Llama, LlamaConfig
 from phase3_core_inference.project8_kv_cache.download_data import DEST
-from phase3_core_inference.project8_kv_cache.loading import hub_download, load_model
 
 SCRIPT = "phase3_core_inference/project8_kv_cache/generate.py"
 DATA = DEST  # data/stories260k
@@ -108,7 +108,7 @@ def test_ours_checkpoint_loads_and_bad_shapes_are_one_line(tmp_path):
 
 
 def test_project3_gpt_checkpoint_is_refused_clearly(tmp_path):
-    from phase1_foundation.project3_pretrain.train import build_model
+    from phase1_foundation.project3_pretrain.loading import build_model
 
     cfg = LlamaConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)
     gpt = build_model("gpt", cfg)
