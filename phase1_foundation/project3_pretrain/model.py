@@ -19,14 +19,15 @@ Differences from project 1's GPT, one line each:
     biases everywhere        -> no biases
     tied embeddings          -> optional (tie_embeddings)
 
-Inference protocol (used by project 8's KV cache): `forward(idx, targets=None, kv_cache=None, start_pos=0,
-left_pad=None, logits_to_keep=0)`.
-Tokens idx sit at absolute positions start_pos .. start_pos+T-1; every attention layer i calls
-`k, v = kv_cache.update(i, k, v, start_pos)` with k, v of shape (B, n_kv_head, T, head_dim), k already rotated,
-and gets back all keys/values so far, (B, n_kv_head, start_pos+T, head_dim). The T == 1 decode step builds no mask
-and allocates nothing but the activations. A batch of prompts of different lengths is left-padded to one length:
-`left_pad[b]` says how many of row b's first slots are padding; row b's RoPE positions then start at 0 on its
-first real token and no query ever attends to a padding slot (`ragged_rope_and_mask`).
+Inference protocol (project 8's `kv_cache.Cache`): `forward(idx, targets=None, kv_cache=None, logits_to_keep=0)`.
+Without a cache the model is the plain causal LM (training, evaluation). With one, the model ASKS the cache instead of
+taking positions: `plan = kv_cache.begin(T)` once per forward returns a `CachePlan` for the T new tokens of every row
+(their RoPE positions: one shared `start` slice, or a (B, T) `positions` tensor when rows differ; an attention `mask`
+or None; `end`, the highest position + 1), and every attention layer i calls `k, v = kv_cache.update(i, k, v)` with
+k, v of shape (B, n_kv_head, T, head_dim), k already rotated, and attends to the keys/values it gets back. The cache
+owns the per-row lengths, so rows of different lengths (a ragged batch, a row that joined later) need nothing more
+from the model. A batch whose rows share one length and decode one token builds no mask and allocates nothing but
+the activations.
 `logits_to_keep=k > 0` returns the logits of the last k positions only (HF's argument of the same name):
 generation needs the last one, and the classifier over the whole prompt is vocab x n_embd FLOPs per token for
 nothing (~30% of a no-cache step of project 3's `cpu` model, measured in project 8).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,7 +49,24 @@ from phase1_foundation.project1_minimal_gpt.model import GPT
 from phase1_foundation.project3_pretrain import flops
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 
-__all__ = ["LlamaConfig", "Llama", "RMSNorm", "rope_tables", "apply_rope", "Attention", "SwiGLU", "Block"]
+__all__ = ["LlamaConfig", "Llama", "RMSNorm", "rope_tables", "apply_rope", "Attention", "SwiGLU", "Block", "CachePlan"]
+
+
+class CachePlan(NamedTuple):
+    """What a KV cache tells the model about the T new tokens of one forward (returned by `kv_cache.begin(T)`).
+
+    start:     the position of every row's first new token, when all rows share it (RoPE is then a slice of the
+               tables, no allocation); None when rows differ.
+    positions: (B, T) long tensor of each row's positions when they differ; None when `start` is given.
+    mask:      boolean attention mask broadcastable to (B, 1, T, keys) (True = attend), or None: one query with
+               nothing to hide (a decode step), or a plain causal prefill (is_causal).
+    end:       the highest position + 1 over the rows: must fit the RoPE tables (block_size).
+    """
+
+    start: int | None
+    positions: torch.Tensor | None
+    mask: torch.Tensor | None
+    end: int
 
 
 class RMSNorm(nn.Module):
@@ -130,25 +149,19 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None,
-                layer_idx: int = 0, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                layer_idx: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v, start_pos)
-        Tk = k.size(2)
+            k, v = kv_cache.update(layer_idx, k, v)  # stores the new K/V, returns every key/value to attend to
         drop = self.dropout if self.training else 0.0
-        if mask is not None:
-            # a left-padded batch: the caller's (B, 1, T, Tk) mask is causal and hides every padding key
+        if mask is not None:  # from the cache: a chunk after cached keys, or rows of different lengths
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
-        elif T == 1:  # decode step: the one query sees every cached key, no mask
+        elif T == 1:  # decode step: the one query sees every key it was given, no mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, enable_gqa=self.gqa)
-        elif Tk == T:  # plain prefill: the standard causal mask (a branch, not is_causal=T > 1: under torch.compile
+        else:  # plain prefill: the standard causal mask (a branch, not is_causal=T > 1: under torch.compile
             # with dynamic shapes T > 1 is a symbolic bool, which SDPA refuses, and the whole forward ran eager)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.gqa)
-        else:
-            # a chunk of T queries after Tk - T cached keys: query t sees keys 0 .. Tk - T + t
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.wo(y)
 
@@ -184,8 +197,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer_idx: int = 0, start_pos: int = 0, mask=None):
-        x = x + self.resid_drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, layer_idx, start_pos, mask))
+    def forward(self, x, cos, sin, kv_cache=None, layer_idx: int = 0, mask=None):
+        x = x + self.resid_drop(self.attn(self.attn_norm(x), cos, sin, kv_cache, layer_idx, mask))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -238,49 +251,34 @@ class Llama(nn.Module):
         return flops.flops_per_token(self, c.n_layer, c.n_head, c.hd, seq_len or c.block_size)
 
     # ---- forward ----------------------------------------------------------------------------
-    def ragged_rope_and_mask(self, left_pad: torch.Tensor, start_pos: int, T: int):
-        """RoPE tables (B, 1, T, D) and attention mask (B, 1, T, start_pos+T) for a left-padded batch.
+    def rope_for(self, plan: CachePlan, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for the new tokens: a (T, D) slice when the rows share a start, else (B, 1, T, D) gathered
+        at each row's own positions (a row that joined later, or is longer, sits at other positions)."""
+        if plan.start is not None:
+            return self.rope_cos[plan.start:plan.start + T], self.rope_sin[plan.start:plan.start + T]
+        return self.rope_cos[plan.positions].unsqueeze(1), self.rope_sin[plan.positions].unsqueeze(1)
 
-        INTUITION: left padding keeps every row's tokens in the same cache slots (slot = start_pos + t), so the
-        KV cache stays one rectangular tensor; only two things depend on the row: its token in slot s sits at
-        position s - left_pad[b] (RoPE), and slots < left_pad[b] hold padding that no query may attend to.
-        A padding query attends to itself only (a fully masked row would give NaN); its output is never used.
-        """
-        if left_pad.dim() != 1:
-            raise CourseError(f"left_pad must have shape (batch,), got {tuple(left_pad.shape)}")
-        left_pad = left_pad.to(self.rope_cos.device)
-        slots = torch.arange(start_pos, start_pos + T, device=left_pad.device)
-        pos = (slots[None, :] - left_pad[:, None]).clamp(min=0)              # (B, T)
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
-        keys = torch.arange(start_pos + T, device=left_pad.device)
-        causal = keys[None, None, :] <= slots[None, :, None]                 # (1, T, Tk)
-        real = keys[None, None, :] >= left_pad[:, None, None]                # (B, 1, Tk)
-        itself = keys[None, None, :] == slots[None, :, None]
-        return cos, sin, ((causal & real) | itself).unsqueeze(1)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, start_pos: int = 0,
-                left_pad: torch.Tensor | None = None, logits_to_keep: int = 0):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+                logits_to_keep: int = 0):
         B, T = idx.shape
         if logits_to_keep < 0 or (logits_to_keep and targets is not None):
             raise CourseError(f"logits_to_keep must be 0 (all positions) or a positive count, and 0 with targets "
                               f"(the loss needs every position); got {logits_to_keep}")
-        if start_pos + T > self.config.block_size:
-            raise CourseError(f"sequence positions {start_pos}..{start_pos + T - 1} exceed block_size "
-                              f"{self.config.block_size} (the RoPE tables); crop the context")
-        mask = None
-        if left_pad is None:
-            cos = self.rope_cos[start_pos:start_pos + T]
-            sin = self.rope_sin[start_pos:start_pos + T]
-        else:
-            cos, sin, mask = self.ragged_rope_and_mask(left_pad, start_pos, T)
+        # without a cache: positions 0 .. T-1, causal; with one, the cache knows each row's length and answers
+        plan = CachePlan(0, None, None, T) if kv_cache is None else kv_cache.begin(T)
+        if plan.end > self.config.block_size:
+            raise CourseError(f"sequence positions up to {plan.end - 1} exceed block_size {self.config.block_size} "
+                              "(the RoPE tables); crop the context")
+        cos, sin = self.rope_for(plan, T)
+        mask = plan.mask
         x = self.tok_emb(idx)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 # Recompute the block's activations in backward instead of storing them: ~1/3 more compute,
                 # activation memory per layer drops to its input.
-                x = checkpoint(layer, x, cos, sin, None, i, start_pos, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_cache, i, start_pos, mask)
+                x = layer(x, cos, sin, kv_cache, i, mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # the norm and the classifier act per position: skip the unwanted ones
         logits = self.lm_head(self.norm(x))

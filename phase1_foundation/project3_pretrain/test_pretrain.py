@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from course.errors import CourseError
 from phase1_foundation.project3_pretrain.hf_interop import (export_hf, import_hf, llama_config_from_hf,
                                                             permute_rope, unpermute_rope)
-from phase1_foundation.project3_pretrain.model import (Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables)
+from phase1_foundation.project3_pretrain.model import (CachePlan, Llama, LlamaConfig, RMSNorm, apply_rope,
+                                                       rope_tables)
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48)
 
@@ -120,15 +121,24 @@ def test_gpu_preset_is_about_125m():
 
 
 class _ListCache:
-    """A minimal reference KV cache implementing the project-8 protocol with torch.cat."""
+    """A minimal reference KV cache implementing the project-8 protocol (begin/update) with torch.cat, every row
+    at one length: written here from the protocol's text, independent of project 8's cache."""
 
     def __init__(self, n_layers):
         self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.length = 0
 
-    def update(self, layer, k, v, start_pos):
-        assert (0 if self.k[layer] is None else self.k[layer].size(2)) == start_pos
+    def begin(self, T):
+        start, self.length = self.length, self.length + T
+        mask = None
+        if start > 0 and T > 1:  # query t sees keys 0 .. start + t
+            mask = torch.arange(start + T)[None, :] <= torch.arange(start, start + T)[:, None]
+        return CachePlan(start, None, mask, start + T)
+
+    def update(self, layer, k, v):
         self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], 2)
         self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], 2)
+        assert self.k[layer].size(2) == self.length
         return self.k[layer], self.v[layer]
 
 
@@ -138,11 +148,37 @@ def test_kv_cache_protocol_matches_full_forward(n_kv_head):
     idx = torch.randint(0, 97, (2, 12))
     full, _ = model(idx)
     cache = _ListCache(2)
-    parts = [model(idx[:, :5], kv_cache=cache, start_pos=0)[0],   # prefill
-             model(idx[:, 5:8], kv_cache=cache, start_pos=5)[0]]  # a chunk with an offset mask
-    for t in range(8, 12):                                         # single-token decode steps
-        parts.append(model(idx[:, t:t + 1], kv_cache=cache, start_pos=t)[0])
+    parts = [model(idx[:, :5], kv_cache=cache)[0],   # prefill
+             model(idx[:, 5:8], kv_cache=cache)[0]]  # a chunk with an offset mask
+    for t in range(8, 12):                            # single-token decode steps
+        parts.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+class _PlannedCache(_ListCache):
+    """_ListCache whose next plan is given by the test: per-row positions and a mask."""
+
+    def begin(self, T):
+        self.length += T
+        return self.next_plan
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_rows_at_their_own_positions_equal_each_row_alone(n_kv_head):
+    """A cache's per-row plan: row 1 holds 3 real tokens and 3 padding slots, row 0 six tokens; one decode step
+    with positions (6, 3) and a mask hiding row 1's padding gives each row the logits of its own sequence."""
+    model = tiny(n_kv_head=n_kv_head)
+    a, b = torch.randint(0, 97, (7,)), torch.randint(0, 97, (4,))
+    with torch.no_grad():
+        cache = _PlannedCache(2)
+        cache.next_plan = CachePlan(0, None, None, 6)
+        model(torch.stack([a[:6], torch.cat([b[:3], b[:3]])]), kv_cache=cache)  # row 1: slots 3..5 are padding
+        keys = torch.arange(7)
+        visible = torch.stack([keys <= 6, (keys < 3) | (keys == 6)])  # (B, keys)
+        cache.next_plan = CachePlan(None, torch.tensor([[6], [3]]), visible[:, None, None, :], 7)
+        out = model(torch.stack([a[6:7], b[3:4]]), kv_cache=cache)[0][:, -1]
+        torch.testing.assert_close(out[0], model(a[None])[0][0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], model(b[None])[0][0, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_context_longer_than_block_size_is_a_clear_error():
@@ -345,7 +381,7 @@ def test_cuda_bf16_compiled_step_and_cached_decode():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         full = model(idx[:, :12])[0]
         cache = _ListCache(2)
-        parts = [model(idx[:, :8], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache, start_pos=t)[0]
+        parts = [model(idx[:, :8], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0]
                                                            for t in range(8, 12)]
     torch.testing.assert_close(torch.cat(parts, 1).float(), full.float(), rtol=3e-2, atol=3e-2)
 

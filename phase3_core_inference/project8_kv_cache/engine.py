@@ -17,27 +17,28 @@ IMPLEMENTATION
 - One KVCache preallocated for the whole context (no growing, no reallocation per token).
 - `self.tokens` records exactly which tokens have their keys/values in the cache, so a chat turn only
   prefills what is new: the longest common prefix with the new prompt is kept (`crop`), the rest prefilled.
-- On CPU in fp32 the decode step runs compiled whole (cpu_kernels.py): one call per token, each
-  matrix-vector product one streaming reduction over both cores; prefill uses oneDNN's matmul for the large
-  matrices. The same weights, faster per token than PyTorch's default kernels (README).
+- A decode step is `step(token (1, 1), cache) -> logits (1, vocab)`: by default `decode_step`, the model's own
+  forward. A script may hand the engine another one with the same results (fast_decode.FastDecoder: the step
+  compiled whole); the engine knows nothing about kernels.
 - Decode runs under torch.inference_mode(), greedy is a plain argmax, and the history needed by the
   repetition penalty is a preallocated id buffer, so a decode step allocates only activations.
 
-Ragged batches (prompts of different lengths in one batch) are left-padded (`left_pad_batch`): the model
-gives each row its own RoPE positions and masks the padding slots (project 3's `Llama.ragged_rope_and_mask`).
+Batches (`generate_cached`): prompts of one length are prefilled together; prompts of different lengths join
+the batch one by one (each prefilled into its own row of the cache, `cache.rows([b])`), then every step decodes
+all rows at once, each at its own position (the cache gives the model per-row positions and a mask).
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from course.errors import CourseError
-from phase3_core_inference.project8_kv_cache.cpu_kernels import DecodeStep, prepare_for_decode, restore
 from phase3_core_inference.project8_kv_cache.kv_cache import KVCache
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams, sample_token
 
@@ -64,45 +65,39 @@ class GenStats:
         return self.new_tokens / t if t > 0 else 0.0
 
 
+def decode_step(model: torch.nn.Module, token: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step, the plain way: the model's forward on the new token(s) (B, 1) -> logits (B, vocab)."""
+    return model(token, kv_cache=cache, logits_to_keep=1)[0][:, -1]
+
+
+Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
+
+
 class Engine:
     """Single-sequence (batch 1) generation with a persistent KV cache, for the CLI and chat."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int | None = None, fast_kernels: bool = True,
-                 compile: bool | None = None):
-        """fast_kernels: CPU fp32 decode kernels (cpu_kernels.py); compile: True / False / None = for models
-        of >= 16 MiB of weights (compiling takes seconds at start-up)."""
+    def __init__(self, model: torch.nn.Module, max_len: int | None = None, step: Step | None = None):
+        """step(token (1, 1), cache) -> logits (1, vocab) runs each decode step; None = the model's forward."""
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # CPU fp32: decode kernels, in place on the same weights (cpu_kernels.py); "default" = PyTorch's own
-        self.kernels = "default"
-        if fast_kernels and self.device.type == "cpu" and self.dtype == torch.float32:
-            self.kernels = prepare_for_decode(model, compile=compile)
-        else:
-            restore(model)  # a model an earlier Engine prepared gets PyTorch's own kernels back
+        self.step = step or functools.partial(decode_step, model)
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache.for_model(model.config, batch=1, max_len=self.max_len, dtype=self.dtype,
                                        device=self.device)
         self.tokens: list[int] = []  # tokens whose K/V are in the cache, in order
         self.history = torch.zeros(1, self.max_len, dtype=torch.long, device=self.device)
         self.stats = GenStats()
-        first = DecodeStep.FIRST_POS
-        if self.kernels == "compiled" and self.max_len > first:
-            # compile the decode step now, not mid-generation (seconds, once per model shape and max_len), at the
-            # first position it runs compiled
-            with torch.inference_mode():
-                self._forward([0] * first, 0)
-                self._forward([0], first)
-            self.cache.reset()
 
     def reset(self) -> None:
         """A new conversation: forget the cache."""
         self.cache.reset()
         self.tokens = []
 
-    def _forward(self, ids: list[int], start_pos: int) -> torch.Tensor:
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """The prompt's new tokens in one forward (their K/V go to the cache); the last position's logits."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits, _ = self.model(x, kv_cache=self.cache, start_pos=start_pos, logits_to_keep=1)
+        logits, _ = self.model(x, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -135,7 +130,7 @@ class Engine:
         stats = self.stats = GenStats(prompt_tokens=len(prompt), reused_tokens=keep)
 
         t0 = time.perf_counter()
-        logits = self._forward(prompt[keep:], keep)
+        logits = self.prefill(prompt[keep:])
         self.tokens = list(prompt)
         pos = len(prompt)
         stats.prefill_s = time.perf_counter() - t0
@@ -152,11 +147,9 @@ class Engine:
             yield tok
             if tok in stop_ids or i == max_new_tokens - 1:
                 break
-            # feed the token: its K/V go to the cache at `pos`
             if penalty:
                 self.history[0, pos] = tok
-            logits, _ = self.model(nxt.view(1, 1), kv_cache=self.cache, start_pos=pos)
-            logits = logits[:, -1]
+            logits = self.step(nxt.view(1, 1), self.cache)  # its K/V go to the cache at `pos`
             self.tokens.append(tok)
             pos += 1
             stats.decode_s = time.perf_counter() - t0
@@ -178,44 +171,48 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
-def left_pad_batch(prompts: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of different lengths -> (idx (B, T_max), left_pad (B,)), each row right-aligned.
-
-    The padding slots are masked out by the model, so their ids do not matter; we repeat each row's first
-    token there, so that the repetition penalty (which looks at the set of ids so far) sees nothing new.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise CourseError("every prompt needs at least one token")
-    T = max(len(p) for p in prompts)
-    idx = torch.tensor([[p[0]] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    return idx, torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
-
-
 @torch.inference_mode()
-def generate_cached(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
+def generate_cached(model: torch.nn.Module, prompts: torch.Tensor | list[list[int]], max_new_tokens: int,
                     params: SamplingParams | None = None, generator: torch.Generator | None = None,
-                    return_logits: bool = False, left_pad: torch.Tensor | None = None):
-    """Batched generation (B, T) -> (B, T + max_new_tokens) with a KV cache.
+                    return_logits: bool = False, step: Step | None = None):
+    """Batched generation with a KV cache.
 
-    Rows of different prompt lengths come left-padded (left_pad_batch): row b's first left_pad[b] slots are
-    padding, masked out at every step. With return_logits, also returns the list of (B, vocab) logits each
-    new token was chosen from.
+    prompts: a (B, T) tensor (rows of one length, prefilled together) -> (B, T + max_new_tokens) tensor; or a
+    list of prompts of any lengths -> a list of prompt + new tokens per row. Those join the batch one at a time,
+    each prefilled alone into its own row (`cache.rows([b])`); every decode step then runs all rows together,
+    each at its own position. With return_logits, also returns the (B, vocab) logits of every new token.
     """
     params = (params or GREEDY).check()
-    B, T = idx.shape
+    step = step or functools.partial(decode_step, model)
     p = next(model.parameters())
-    cache = KVCache.for_model(model.config, batch=B, max_len=T + max_new_tokens, dtype=p.dtype, device=idx.device)
-    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-    out[:, :T] = idx
-    logits = model(idx, kv_cache=cache, start_pos=0, left_pad=left_pad, logits_to_keep=1)[0][:, -1]
-    seen = []
+    if isinstance(prompts, torch.Tensor):
+        rows, device = prompts.tolist(), prompts.device
+    else:
+        rows, device = [list(r) for r in prompts], p.device
+    if not rows or any(len(r) == 0 for r in rows):
+        raise CourseError("every prompt needs at least one token")
+    B, T = len(rows), max(len(r) for r in rows)
+    cache = KVCache.for_model(model.config, batch=B, max_len=T + max_new_tokens, dtype=p.dtype, device=device)
+    if isinstance(prompts, torch.Tensor):
+        logits = model(prompts, kv_cache=cache, logits_to_keep=1)[0][:, -1]
+    else:  # each row joins on its own: its prompt is prefilled into its row while the others keep theirs
+        logits = torch.cat([model(torch.tensor([r], device=device), kv_cache=cache.rows([b]), logits_to_keep=1)[0][:, -1]
+                            for b, r in enumerate(rows)])
+    # the repetition penalty looks at the set of ids so far: a short row's history is padded with its first id
+    history = torch.tensor([[r[0]] * (T - len(r)) + r for r in rows], device=device)
+    penalty = params.repetition_penalty != 1.0
+    seen, new = [], []
     for i in range(max_new_tokens):
-        pos = T + i
         seen.append(logits.clone())
-        nxt = sample_token(logits, params, out[:, :pos] if params.repetition_penalty != 1.0 else None, generator)
-        out[:, pos] = nxt[:, 0]
+        nxt = sample_token(logits, params, history if penalty else None, generator)
+        new.append(nxt[:, 0])
+        if penalty:
+            history = torch.cat([history, nxt], 1)
         if i + 1 < max_new_tokens:
-            logits = model(nxt, kv_cache=cache, start_pos=pos, left_pad=left_pad)[0][:, -1]
+            logits = step(nxt, cache)
+    out = [r + [int(t[b]) for t in new] for b, r in enumerate(rows)]
+    if isinstance(prompts, torch.Tensor):
+        out = torch.tensor(out, dtype=torch.long, device=device)
     return (out, seen) if return_logits else out
 
 
