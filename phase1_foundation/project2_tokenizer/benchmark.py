@@ -9,6 +9,8 @@ On the whole Gutenberg corpus (154 books, headers stripped, CRLF -> LF):
   * single-process encoding throughput (MB/s, cold cache) of ours, tiktoken and HF `tokenizers`,
     with our trained ranks and with GPT-2's, and exact id parity with tiktoken on the whole corpus
   * bytes per token on WikiText-2 test (not in the training text) for each tokenizer
+  * the plain algorithm (bpe.py) against the fast one (fast_bpe.py) on a slice both can do: training
+    time (same merges) and encoding time of the slice's distinct chunks (same ids), no cache
 Writes the numbers to checkpoints/project2/benchmark.json as well.
 """
 
@@ -20,9 +22,13 @@ import platform
 import resource
 import time
 
+import regex
+
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
+from phase1_foundation.project2_tokenizer.bpe import encode_chunk, train_bpe
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, read_gutenberg, read_wikitext2
+from phase1_foundation.project2_tokenizer.fast_bpe import bpe_encode_chunk, count_chunks, train_merges
 from phase1_foundation.project2_tokenizer.formats import load_gpt2
 from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, RegexTokenizer
 
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_workers", type=int, default=2, help="our pre-tokenization processes")
     p.add_argument("--max_books", type=int, default=0, help="use only the first N books (0 = all; for a quick try)")
     p.add_argument("--skip_references", action="store_true", help="do not run HF tokenizers / tiktoken")
+    p.add_argument("--plain_kb", type=int, default=200, help="text slice (KB) for the plain vs fast comparison")
+    p.add_argument("--plain_merges", type=int, default=200, help="merges for the plain vs fast comparison")
     p.add_argument("--out", default="checkpoints/project2/benchmark.json")
     p.add_argument("--seed", type=int, default=0, help="unused: everything measured here is deterministic")
     p.add_argument("--device", default="cpu", help="unused: tokenizers run on CPU")
@@ -65,14 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- training -----------------------------------------------------------------------------
     # Ours first, so the peak RSS of this process is our training's (plus the corpus in memory).
-    ours, t = timed(lambda: RegexTokenizer("gpt2", [ENDOFTEXT]).train(books, args.vocab_size, num_workers=args.num_workers))
+    ours, t = timed(lambda: RegexTokenizer("gpt2", [ENDOFTEXT]).train(books, args.vocab_size, num_workers=args.num_workers,
+                                                                         trainer="fast"))
     r["train_ours_gpt2_s"] = t
     r["train_peak_rss_main_mb"] = _rss_mb(resource.RUSAGE_SELF)
     r["train_peak_rss_worker_mb"] = _rss_mb(resource.RUSAGE_CHILDREN)
     print(f"ours (gpt2 pattern): trained {len(ours.merges)} merges in {t:.1f} s; peak RSS main "
           f"{r['train_peak_rss_main_mb']:.0f} MB (of which {r['rss_with_corpus_mb']:.0f} MB before training: "
           f"interpreter + corpus), largest worker {r['train_peak_rss_worker_mb']:.0f} MB")
-    ours4, t = timed(lambda: RegexTokenizer("gpt4", [ENDOFTEXT]).train(books, args.vocab_size, num_workers=args.num_workers))
+    ours4, t = timed(lambda: RegexTokenizer("gpt4", [ENDOFTEXT]).train(books, args.vocab_size, num_workers=args.num_workers,
+                                                                          trainer="fast"))
     r["train_ours_gpt4_s"] = t
     print(f"ours (gpt4 pattern): trained in {t:.1f} s")
 
@@ -131,6 +141,21 @@ def main(argv: list[str] | None = None) -> dict:
     except CourseError as e:
         print(f"skipping compression on WikiText-2: {e}")
 
+    # ---- the plain algorithm against the fast one, on a slice the plain loop can do -------------------
+    piece = "".join(books)[:args.plain_kb * 1000]
+    counts = count_chunks([piece], ours.pattern, [ENDOFTEXT])
+    chunk_counts = {c.encode("utf-8", "surrogatepass"): n for c, n in counts.items()}
+    plain, r["train_slice_plain_s"] = timed(lambda: train_bpe(chunk_counts, args.plain_merges))
+    fast, r["train_slice_fast_s"] = timed(lambda: train_merges(chunk_counts, args.plain_merges))
+    ranks = ours.to_ranks()
+    distinct = list(dict.fromkeys(c.encode("utf-8", "surrogatepass") for c in regex.findall(ours.pattern, piece)))
+    ids_plain, r["encode_slice_plain_s"] = timed(lambda: [encode_chunk(c, ranks) for c in distinct])
+    ids_fast, r["encode_slice_fast_s"] = timed(lambda: [bpe_encode_chunk(c, ranks) for c in distinct])
+    r["slice_equal"] = plain == fast and ids_plain == ids_fast
+    print(f"plain vs fast on {args.plain_kb} KB: train {args.plain_merges} merges {r['train_slice_plain_s']:.2f} s "
+          f"vs {r['train_slice_fast_s']:.2f} s; encode {len(distinct):,} distinct chunks {r['encode_slice_plain_s']:.2f} s "
+          f"vs {r['encode_slice_fast_s']:.2f} s; identical: {r['slice_equal']}")
+
     # ---- table --------------------------------------------------------------------------------
     def g(key, fmt="{:.2f}"):
         return fmt.format(r[key]) if key in r else "n/a"
@@ -145,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
         ("bytes/token WikiText-2 test, 10K gpt2 pattern", g("bpt_ours_10k_gpt2"), g("bpt_hf_10k"), "-"),
         ("bytes/token WikiText-2 test, 10K gpt4 pattern", g("bpt_ours_10k_gpt4"), "-", "-"),
         ("bytes/token WikiText-2 test, GPT-2 50,257", g("bpt_gpt2_50k"), "-", g("bpt_tiktoken_gpt2_50k")),
+        (f"slice {args.plain_kb} KB, {args.plain_merges} merges: train plain / fast (s)",
+         f"{g('train_slice_plain_s')} / {g('train_slice_fast_s')}", "-", "-"),
+        ("slice, encode distinct chunks plain / fast (s)",
+         f"{g('encode_slice_plain_s')} / {g('encode_slice_fast_s')}", "-", "-"),
+        ("slice: plain and fast identical (merges, ids)", f"{r['slice_equal']}", "-", "-"),
     ]
     print(f"\n| measure ({r['corpus_mb']:.1f} MB Gutenberg) | ours | HF tokenizers | tiktoken |")
     print("|---|---|---|---|")

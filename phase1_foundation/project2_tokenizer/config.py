@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from course.config import BaseConfig
-from phase1_foundation.project2_tokenizer.tokenizer import SPLIT_PATTERNS
+from phase1_foundation.project2_tokenizer.tokenizer import SPLIT_PATTERNS, TRAINERS
 
 
 @dataclass
@@ -23,6 +23,8 @@ class TokenizerConfig(BaseConfig):
     heldout_every: int = 25               # book k is held out for evaluation when k % heldout_every == 0
     max_train_mb: float = 0.0             # use only the first N MB of training text (0 = all)
     num_workers: int = 2                  # pre-tokenization processes
+    trainer: str = "fast"                 # fast: the heap trainer (fast_bpe.py, seconds); plain: bpe.py's loop
+                                          # (the definition; hours on the full corpus, fine with max_train_mb=0.1)
     out_dir: str = "checkpoints/project2"
     plot_sizes: str = "256,512,1000,2000,5000,10000"  # vocab sizes for the compression-vs-vocab plot
     log_every: int = 1000                 # print a sample merge every N merges (0 = never)
@@ -51,6 +53,7 @@ class TokenizerConfig(BaseConfig):
             errors.append(f"vocab_size ({self.vocab_size}) must be > 256 + {len(specials)} special token(s) "
                           f"= {256 + len(specials)}, to leave room for at least one merge")
         self.check_choice(errors, "pattern", SPLIT_PATTERNS)
+        self.check_choice(errors, "trainer", TRAINERS)
         self.check_positive(errors, "num_workers")
         if self.heldout_every < 0 or self.heldout_every == 1:
             errors.append(f"heldout_every ({self.heldout_every}) must be 0 (no held-out books) or >= 2")

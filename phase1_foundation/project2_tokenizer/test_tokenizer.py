@@ -27,7 +27,8 @@ from phase1_foundation.project2_tokenizer.config import TokenizerConfig
 from phase1_foundation.project2_tokenizer.formats import load_gpt2, load_ranks, load_tokenizer
 from phase1_foundation.project2_tokenizer.tokenizer import (
     ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, BasicTokenizer,
-    DisallowedSpecialTokenError, RegexTokenizer, TokenizerError, train_merges)
+    DisallowedSpecialTokenError, RegexTokenizer, TokenizerError)
+from phase1_foundation.project2_tokenizer.fast_bpe import train_merges
 
 HERE = Path(__file__).resolve().parent
 GPT2_DIR = REPO_ROOT / "data" / "gpt2_bpe"
@@ -153,7 +154,7 @@ def test_parallel_pretokenization_gives_same_merges():
 def test_split_for_workers_keeps_chunk_counts_exact(pattern):
     """Counting the pieces separately must equal counting the whole text, including the whitespace runs
     that a cut after a newline would change ("\n\nHello" is "\n", "\n" as GPT-2 splits the whole text)."""
-    from phase1_foundation.project2_tokenizer.tokenizer import SPLIT_PATTERNS, _split_for_workers
+    from phase1_foundation.project2_tokenizer.fast_bpe import _split_for_workers
 
     rng = random.Random(7)
     words = ["Hello", "world", "it's", "  ", "\n\n", "\n", " \n", "12345", "!!", "\t", "Ünïcode", "日本"]
@@ -335,16 +336,16 @@ def test_long_chunks_parity(gpt2_pair, trained):
 
 @pytest.mark.parametrize("seed", range(20))
 def test_long_chunk_encoder_equals_scan(trained, seed):
-    from phase1_foundation.project2_tokenizer import tokenizer as T
+    from phase1_foundation.project2_tokenizer import fast_bpe as T
     rng = random.Random(seed)
     ranks = trained["gpt2"].to_ranks()
     words = [t for t in ranks if 1 <= len(t) <= 4]
     chunk = b"".join(rng.choice(words) for _ in range(rng.randint(2, 200)))
-    scan, T._LONG_CHUNK = T._LONG_CHUNK, 10**9
+    scan, T.LONG_CHUNK = T.LONG_CHUNK, 10**9
     try:
         expected = T.bpe_encode_chunk(chunk, ranks)
     finally:
-        T._LONG_CHUNK = scan
+        T.LONG_CHUNK = scan
     assert T._bpe_encode_long(chunk, ranks) == expected
 
 

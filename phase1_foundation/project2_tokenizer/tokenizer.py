@@ -13,33 +13,38 @@ PAPERS
 - OpenAI tiktoken (2022-23): the cl100k ("GPT-4") split pattern, mergeable ranks (token bytes -> rank
   = id) as the exchange format, and the special-token contract (allowed_special / disallowed_special).
 
-The file is built in layers, each adding one idea:
-  1. the naive algorithm on a list of ids (`get_pair_counts`, `merge_pair`): what BPE *is*
-  2. the fast trainer (`train_merges`): the same merges, computed on unique chunks incrementally
-  3. encoding one chunk by rank (`bpe_encode_chunk`): exactly tiktoken's merge rule
-  4. `BasicTokenizer`: train/encode/decode on raw bytes, save/load
-  5. `RegexTokenizer`: regex pre-tokenization (GPT-2 / GPT-4 patterns), a chunk cache, special tokens
-  6. interop: GPT-2's encoder.json + vocab.bpe, tiktoken mergeable ranks, `load_tokenizer`
+The modules of this project, in reading order:
+  bpe.py          the plain algorithm: count pairs, merge the best, repeat; encode by rank
+  fast_bpe.py     the same merges and ids, fast (heap trainer, chunk cache, parallel pre-tokenization)
+  tokenizer.py    this file: the classes a user holds, split patterns, special tokens
+    - `BasicTokenizer`: train/encode/decode on raw bytes, save/load
+    - `RegexTokenizer`: regex pre-tokenization (GPT-2 / GPT-4 patterns), a chunk cache, special tokens
+  formats.py      files: our .pkl, tiktoken ranks, GPT-2's files, HF tokenizer.json, llama2.c .bin
+  chat_template.py  a conversation -> the prompt string a chat model expects (Jinja, like transformers)
+
+WHICH TRAINER RUNS: `train(..., trainer=None)` picks the plain loop (`bpe.train_bpe`) when its work is
+small (distinct chunk bytes x merges <= PLAIN_WORK_LIMIT, about a second: a page of text, the examples
+and most tests) and the heap trainer (`fast_bpe.train_merges`) otherwise; `trainer="plain"` or "fast"
+forces one. Both give the same merges (tested). train_tokenizer.py has `--trainer` (default fast).
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-import heapq
 import json
 import os
 import pickle
-import sys
-from collections import Counter, defaultdict
 from itertools import chain
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Literal
 
 import regex
-from tqdm import tqdm
 
 from course.errors import CourseError
+from phase1_foundation.project2_tokenizer.bpe import encode_chunk, recover_merges, train_bpe
+from phase1_foundation.project2_tokenizer.fast_bpe import (
+    CACHE_LIMIT, LONG_CHUNK, ChunkCache, bpe_encode_chunk, count_chunks, train_merges)
 
 # --------------------------------------------------------------------------------------------------
 # Split patterns and errors
@@ -88,254 +93,28 @@ def pattern_name(pattern: str | None) -> str:
     return "none" if pattern is None else "custom"
 
 
-# --------------------------------------------------------------------------------------------------
-# 1. The naive algorithm: what BPE is
-# --------------------------------------------------------------------------------------------------
-
-def get_pair_counts(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict[tuple[int, int], int]:
-    """Count adjacent pairs: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
-    counts = {} if counts is None else counts
-    for pair in zip(ids, ids[1:]):
-        counts[pair] = counts.get(pair, 0) + weight
-    return counts
-
-
-def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every occurrence of `pair`, scanning left to right: ([a,a,a], (a,a), X) -> [X, a]."""
-    out, i, n = [], 0, len(ids)
-    while i < n:
-        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Fast training: the same merges, incrementally
-# --------------------------------------------------------------------------------------------------
-
-def train_merges(chunk_counts: dict[bytes, int], num_merges: int, progress: bool = False,
-                 log_every: int = 0) -> list[tuple[tuple[int, int], int]]:
-    """Learn `num_merges` BPE merges from {chunk bytes: count}. Returns [((a, b), count), ...].
-
-    Merge i creates token id 256 + i from the pair (a, b). Ids 0..255 are the raw bytes.
-
-    PAPER: Sennrich et al. 2016 learn merges from a word-frequency dictionary; GPT-2's byte-level
-    variant does the same with regex chunks of bytes.
-
-    INTUITION: the naive loop (`get_pair_counts` over the whole corpus, pick the best pair,
-    `merge_pair` over the whole corpus, repeat) costs O(merges x corpus): 10,000 merges x 76 MB is
-    ~10^12 steps. Two observations make it cheap:
-      * the corpus is mostly repeats: 76 MB of English is ~15 M regex chunks but only ~0.2 M
-        *distinct* chunks. Count them once and work on (chunk, count) pairs, weighting by count.
-      * a merge of (a, b) only changes chunks that contain (a, b). Keep, for every pair, the set
-        of chunk indices where it occurs, touch only those chunks, and update the pair counts by
-        the local difference (pairs around each occurrence) instead of recounting.
-    The best pair is then found with a max-heap of (count, pair) instead of a scan over all pairs.
-    Total work is proportional to the number of (chunk, merge) applications, not merges x corpus.
-
-    IMPLEMENTATION:
-      * words[i] is the i-th distinct chunk as a list of token ids, counts[i] its frequency.
-      * pair_counts[p] is the exact total count of pair p; where[p] is a superset of the chunks
-        that contain p (chunks are added when p appears, never removed: a stale index is just
-        skipped when the chunk no longer contains p; this is cheaper than keeping sets exact).
-      * the heap holds (-count, a, b) entries and is lazily invalidated: when a count changes we
-        push a new entry; a popped entry whose count differs from pair_counts is stale and dropped.
-
-    TIE-BREAKING (deterministic, independent of dict order or worker count): the pair with the
-    highest count wins; among equal counts, the smallest (a, b) - the lowest first id, then the
-    lowest second id. The heap key (-count, a, b) encodes exactly that rule.
-    """
-    if num_merges < 0:
-        raise TokenizerError(f"num_merges ({num_merges}) must be >= 0")
-    words = [list(chunk) for chunk in chunk_counts]
-    counts = list(chunk_counts.values())
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)
-    for i, (w, c) in enumerate(zip(words, counts)):
-        for pair in zip(w, w[1:]):
-            pair_counts[pair] += c
-            where[pair].add(i)
-    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    merges: list[tuple[tuple[int, int], int]] = []
-    token_bytes = [bytes([i]) for i in range(256)]  # only for the log lines
-    bar = tqdm(total=num_merges, desc="merges", unit="merge", disable=not progress, mininterval=0.5)
-    for step in range(num_merges):
-        # Pop until the top entry is current (lazy deletion).
-        while heap:
-            neg, a, b = heapq.heappop(heap)
-            if pair_counts.get((a, b), 0) == -neg:
-                break
-        else:
-            break  # no pair left: every chunk is a single token
-        pair, count, new_id = (a, b), -neg, 256 + step
-        merges.append((pair, count))
-
-        delta: dict[tuple[int, int], int] = defaultdict(int)
-        for i in where.pop(pair):
-            w = words[i]
-            if a not in w:
-                continue  # stale index
-            c = counts[i]
-            out: list[int] = []
-            j, n = 0, len(w)
-            while j < n:
-                if w[j] == a and j + 1 < n and w[j + 1] == b:
-                    # Local update around this occurrence: (prev, a) -> (prev, X), (b, next) -> (X, next).
-                    # With back-to-back occurrences "a b a b", prev is the X just written, and the
-                    # (X, a) added by the first occurrence is removed again here: the net result is exact.
-                    if out:
-                        prev = out[-1]
-                        delta[(prev, a)] -= c
-                        delta[(prev, new_id)] += c
-                        where[(prev, new_id)].add(i)
-                    if j + 2 < n:
-                        nxt = w[j + 2]
-                        delta[(b, nxt)] -= c
-                        delta[(new_id, nxt)] += c
-                        where[(new_id, nxt)].add(i)
-                    delta[pair] -= c
-                    out.append(new_id)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-        for p, d in delta.items():
-            if d:
-                new = pair_counts[p] + d
-                if new > 0:
-                    pair_counts[p] = new
-                    heapq.heappush(heap, (-new, p[0], p[1]))
-                else:
-                    del pair_counts[p]
-        pair_counts.pop(pair, None)
-        bar.update(1)
-        token_bytes.append(token_bytes[a] + token_bytes[b])
-        if log_every and (step + 1) % log_every == 0:
-            bar.write(f"  merge {step + 1:>6}: {token_bytes[a]!r} + {token_bytes[b]!r} -> id {new_id} "
-                      f"(count {count:,})")
-    bar.close()
-    return merges
-
-
-# --------------------------------------------------------------------------------------------------
-# 3. Encoding one chunk: merge the lowest-ranked pair first (tiktoken's rule)
-# --------------------------------------------------------------------------------------------------
-
-_NO_RANK = sys.maxsize
-
-
-def bpe_encode_chunk(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
-    """Encode the bytes of one chunk into ids with the rank table {token bytes: rank = id}.
-
-    INTUITION: replay training on this chunk. Training created low ranks first, so among the
-    adjacent pairs whose concatenation is a token, merge the one with the lowest rank (the leftmost
-    one on ties), and repeat until no adjacent pair forms a token.
-
-    WHY ranks of *concatenated bytes* rather than a (left id, right id) -> id table: this is
-    tiktoken's definition (it also shortcuts a chunk that is itself a token), and following it to
-    the letter is what makes our ids equal tiktoken's for any rank table, GPT-2's included.
-
-    IMPLEMENTATION: parts are the current token bytes, pr[i] the rank of parts[i] + parts[i+1].
-    After a merge at i only pr[i-1] and pr[i] change, so each step is one C-level min() + index()
-    over a short list; chunks are words, so this is fast, and a cache makes repeats free. That is
-    O(n^2) for an n-byte chunk, so chunks over 128 bytes (long digit or space runs, or a whole text
-    in BasicTokenizer) take the O(n log n) heap version below, which makes the same choices.
-    """
-    token = ranks.get(chunk)
-    if token is not None:
-        return [token]
-    if len(chunk) > _LONG_CHUNK:
-        return _bpe_encode_long(chunk, ranks)
-    parts = [chunk[i:i + 1] for i in range(len(chunk))]
-    get = ranks.get
-    pr = [get(parts[i] + parts[i + 1], _NO_RANK) for i in range(len(parts) - 1)]
-    while pr:
-        best = min(pr)
-        if best == _NO_RANK:
-            break
-        i = pr.index(best)
-        parts[i] += parts[i + 1]
-        del parts[i + 1]
-        del pr[i]
-        if i > 0:
-            pr[i - 1] = get(parts[i - 1] + parts[i], _NO_RANK)
-        if i < len(pr):
-            pr[i] = get(parts[i] + parts[i + 1], _NO_RANK)
-    return [ranks[p] for p in parts]
-
-
-_LONG_CHUNK = 128
-
-
-def _bpe_encode_long(chunk: bytes, ranks: dict[bytes, int]) -> list[int]:
-    """The same merges as bpe_encode_chunk in O(n log n), for long chunks (a 100 KB digit run).
-
-    The scan above is O(n) per merge, so O(n^2) per chunk. Here the parts form a linked list and
-    the candidate pairs sit in a heap keyed (rank, start position): the smallest key is the lowest
-    rank and, on ties, the leftmost pair - the same choice as the scan. Entries carry the versions
-    of both parts; an entry whose parts changed since it was pushed is stale and skipped.
-    """
-    n = len(chunk)
-    parts: list[bytes | None] = [chunk[i:i + 1] for i in range(n)]
-    nxt = list(range(1, n + 1))  # n = end of list
-    prv = list(range(-1, n - 1))
-    ver = [0] * n
-    get = ranks.get
-    heap = [(r, i, i + 1, 0, 0) for i in range(n - 1) if (r := get(parts[i] + parts[i + 1])) is not None]
-    heapq.heapify(heap)
-    while heap:
-        _, i, j, vi, vj = heapq.heappop(heap)
-        if ver[i] != vi or ver[j] != vj or nxt[i] != j or parts[i] is None or parts[j] is None:
-            continue  # stale
-        parts[i] += parts[j]
-        parts[j] = None
-        ver[i] += 1
-        k = nxt[i] = nxt[j]
-        if k < n:
-            prv[k] = i
-            r = get(parts[i] + parts[k])
-            if r is not None:
-                heapq.heappush(heap, (r, i, k, ver[i], ver[k]))
-        p = prv[i]
-        if p >= 0:
-            r = get(parts[p] + parts[i])
-            if r is not None:
-                heapq.heappush(heap, (r, p, i, ver[p], ver[i]))
-    out, i = [], 0
-    while i < n:
-        out.append(ranks[parts[i]])
-        i = nxt[i]
-    return out
-
-
-class _ChunkCache(dict):
-    """str chunk -> tuple of ids; a miss runs BPE once. Natural text repeats its chunks constantly."""
-
-    __slots__ = ("ranks",)
-
-    def __init__(self, ranks: dict[bytes, int]):
-        super().__init__()
-        self.ranks = ranks
-
-    def __missing__(self, chunk: str) -> tuple[int, ...]:
-        ids = tuple(bpe_encode_chunk(chunk.encode("utf-8"), self.ranks))
-        self[chunk] = ids
-        return ids
-
-
-_CACHE_LIMIT = 1_000_000  # distinct chunks kept; beyond that the cache is cleared (bounded memory)
-
-
 def _fix_surrogates(text: str) -> str:
     """Lone surrogates cannot be UTF-8 encoded; replace them with U+FFFD as tiktoken does."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+TRAINERS = ("plain", "fast")
+PLAIN_WORK_LIMIT = 2_000_000  # distinct chunk bytes x merges the plain loop does in about a second
+
+
+def choose_trainer(trainer: str | None, chunk_counts: dict[bytes, int], num_merges: int) -> str:
+    """"plain" (bpe.train_bpe) or "fast" (fast_bpe.train_merges); None = the plain loop when it is cheap.
+
+    WHY a size rule: the plain loop is the definition and the one to step through, but it recounts the
+    whole corpus at every merge; past ~PLAIN_WORK_LIMIT byte-merges it takes minutes where the heap
+    trainer takes seconds. Both give the same merges (tested), so the choice never changes the result.
+    """
+    if trainer is None:
+        work = num_merges * sum(len(chunk) for chunk in chunk_counts)
+        return "plain" if work <= PLAIN_WORK_LIMIT else "fast"
+    if trainer not in TRAINERS:
+        raise TokenizerError(f"trainer must be one of {', '.join(TRAINERS)} or None (choose by size), got {trainer!r}")
+    return trainer
 
 
 def _check_text(text: object) -> str:
@@ -346,74 +125,7 @@ def _check_text(text: object) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pre-tokenization for training: count chunks, optionally in worker processes
-# --------------------------------------------------------------------------------------------------
-
-def _count_chunks(args: tuple[str | None, str | None, str]) -> Counter:
-    """Worker: split one piece of text on special tokens, then with the pattern; count the chunks."""
-    pattern, special_pattern, text = args
-    pieces = regex.split(special_pattern, text) if special_pattern else [text]
-    counter: Counter = Counter()
-    if pattern is None:
-        counter.update(p for p in pieces if p)
-    else:
-        findall = regex.compile(pattern).findall
-        for piece in pieces:
-            counter.update(findall(piece))
-    return counter
-
-
-def _split_for_workers(text: str, piece_chars: int) -> list[str]:
-    r"""Cut a long text into ~piece_chars pieces, each cut between a letter and a following " " + letter.
-
-    WHY there: counting the pieces separately must give exactly the counts of the whole text. In both
-    built-in patterns a letter run ends at the space, and " " + letters starts the next chunk; the only
-    alternatives that look ahead (`\s+(?!\S)`, `\s++$`) match whitespace, and the piece before the cut
-    ends in a letter. (A cut after a newline is NOT safe: with the GPT-2 pattern "\n\nHello" splits as
-    "\n", "\n" in the whole text but as "\n\n" at the end of a piece.)
-    """
-    if len(text) <= piece_chars:
-        return [text]
-    pieces, start = [], 0
-    boundary = regex.compile(r"(?<=\p{L})(?= \p{L})")
-    while start < len(text):
-        m = boundary.search(text, start + piece_chars) if start + piece_chars < len(text) else None
-        end = m.start() if m else len(text)
-        pieces.append(text[start:end])
-        start = end
-    return pieces
-
-
-def count_chunks(texts: Iterable[str], pattern: str | None, special_tokens: Iterable[str] = (),
-                 num_workers: int = 1, progress: bool = False) -> Counter:
-    """{chunk str: count} over all texts. Special tokens are cut out (they are never merged)."""
-    specials = sorted(special_tokens, key=len, reverse=True)
-    special_pattern = "|".join(regex.escape(s) for s in specials) if specials else None
-    if pattern is None:
-        # Basic: every document is one chunk, nothing to parallelize.
-        total = Counter()
-        for t in texts:
-            total.update(_count_chunks((None, special_pattern, t)))
-        return total
-    jobs = [(pattern, special_pattern, piece) for t in texts for piece in _split_for_workers(t, 2_000_000)]
-    total: Counter = Counter()
-    bar = tqdm(total=len(jobs), desc="pre-tokenizing", unit="piece", disable=not progress, leave=False)
-    if num_workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        with mp.Pool(num_workers) as pool:
-            for c in pool.imap_unordered(_count_chunks, jobs, chunksize=1):
-                total.update(c)
-                bar.update(1)
-    else:
-        for job in jobs:
-            total.update(_count_chunks(job))
-            bar.update(1)
-    bar.close()
-    return total
-
-
-# --------------------------------------------------------------------------------------------------
-# 4. BasicTokenizer: byte-level BPE on raw bytes
+# BasicTokenizer: byte-level BPE on raw bytes
 # --------------------------------------------------------------------------------------------------
 
 _FORMAT = "course-bpe-tokenizer"
@@ -434,10 +146,11 @@ class _ClassOrInstance:
 class BasicTokenizer:
     """Byte-level BPE with no pre-tokenization: the whole text is one sequence of bytes.
 
-    This is the algorithm in its plainest form. Merges can cross word boundaries ("e t" in
-    "the time"), which wastes vocabulary; RegexTokenizer below fixes that. Training on one long
-    sequence is the naive O(length x merges) (every merge rewrites the whole sequence: there are no
-    repeated chunks to share work), so train it on small texts only.
+    This is the algorithm in its plainest form, and it runs bpe.py's plain functions: `train_bpe`
+    (chosen by size, see `choose_trainer`) and `encode_chunk` (texts over fast_bpe.LONG_CHUNK bytes take
+    the O(n log n) encoder, same ids). Merges can cross word boundaries ("e t" in "the time"), which
+    wastes vocabulary; RegexTokenizer below fixes that. Training on one long sequence is
+    O(length x merges) (there are no repeated chunks to share work), so train it on small texts only.
 
     State (what save() writes):
       vocab          {id: token bytes} for the mergeable tokens (ids 0..255 are the raw bytes)
@@ -464,7 +177,7 @@ class BasicTokenizer:
         self._decoder = dict(self.vocab)
         for s, i in self.special_tokens.items():
             self._decoder[i] = s.encode("utf-8")
-        self._cache = _ChunkCache(self.inverse_vocab)
+        self._cache = ChunkCache(self.inverse_vocab)
         self._split = regex.compile(self.pattern).findall if self.pattern is not None else None
         self._special_regex_cache: dict[frozenset, regex.Pattern] = {}
 
@@ -509,11 +222,13 @@ class BasicTokenizer:
 
     # ---- training --------------------------------------------------------------------------
     def train(self, text_or_iterable: str | Iterable[str], vocab_size: int, verbose: bool = False,
-              num_workers: int = 1, log_every: int = 0) -> "BasicTokenizer":
+              num_workers: int = 1, log_every: int = 0, trainer: str | None = None) -> "BasicTokenizer":
         """Learn vocab_size - 256 - len(special_tokens) merges; special tokens get the last ids.
 
         text_or_iterable: one string, or an iterable of documents (a merge never spans two).
         num_workers > 1 pre-tokenizes in that many processes (RegexTokenizer only).
+        trainer: "plain" (bpe.train_bpe), "fast" (fast_bpe.train_merges; verbose shows progress and
+        log_every sample merges), or None: plain when the corpus is small (`choose_trainer`).
         """
         texts = [text_or_iterable] if isinstance(text_or_iterable, str) else list(text_or_iterable)
         for t in texts:
@@ -528,7 +243,10 @@ class BasicTokenizer:
         # Basic (pattern None): each document is one chunk; Regex: the pattern's chunks.
         counts = count_chunks(texts, self.pattern, specials, num_workers=num_workers, progress=verbose)
         chunk_counts = {s.encode("utf-8", "surrogatepass"): c for s, c in counts.items()}
-        merges = train_merges(chunk_counts, num_merges, progress=verbose, log_every=log_every)
+        if choose_trainer(trainer, chunk_counts, num_merges) == "fast":
+            merges = train_merges(chunk_counts, num_merges, progress=verbose, log_every=log_every)
+        else:
+            merges = train_bpe(chunk_counts, num_merges)
         self.vocab = {i: bytes([i]) for i in range(256)}
         self.merges = {}
         for k, ((a, b), _count) in enumerate(merges):
@@ -551,9 +269,11 @@ class BasicTokenizer:
             return self._encode_ordinary(_fix_surrogates(text))
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        if self._split is None:
-            return bpe_encode_chunk(text.encode("utf-8"), self.inverse_vocab) if text else []
-        if len(self._cache) > _CACHE_LIMIT:
+        if self._split is None:  # Basic: the whole text is one chunk
+            data = text.encode("utf-8")
+            return encode_chunk(data, self.inverse_vocab) if len(data) <= LONG_CHUNK else \
+                bpe_encode_chunk(data, self.inverse_vocab)
+        if len(self._cache) > CACHE_LIMIT:
             self._cache.clear()
         # One C-level pass: regex split, cache lookup per chunk (BPE only on a miss), concatenation.
         return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
@@ -654,7 +374,7 @@ def _encode_one(tok: BasicTokenizer, kwargs: dict, text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. RegexTokenizer: pre-tokenization + special tokens
+# RegexTokenizer: pre-tokenization + special tokens
 # --------------------------------------------------------------------------------------------------
 
 class RegexTokenizer(BasicTokenizer):
@@ -665,7 +385,8 @@ class RegexTokenizer(BasicTokenizer):
     whitespace apart. The GPT-4 pattern (tiktoken cl100k) also caps number chunks at 3 digits.
 
     WHY it is faster too: chunks repeat, so training counts distinct chunks once and encoding
-    caches chunk -> ids; a 10K-vocab tokenizer sees ~0.2 M distinct chunks in 76 MB of books.
+    caches chunk -> ids; a 10K-vocab tokenizer sees ~0.2 M distinct chunks in 76 MB of books. A cache
+    miss runs fast_bpe.bpe_encode_chunk, which gives bpe.encode_chunk's ids (tested) faster.
 
     Special tokens follow tiktoken's contract: `encode(text)` raises DisallowedSpecialTokenError if
     the text contains a registered special token, because treating user text as a control token
@@ -769,30 +490,9 @@ class RegexTokenizer(BasicTokenizer):
             raise TokenizerError("mergeable_ranks has duplicate ranks; each token needs its own rank")
         tok = cls(pattern=pattern)
         tok.vocab = {r: t for t, r in mergeable_ranks.items()}
-        tok.merges = _recover_merges(mergeable_ranks)
+        tok.merges = recover_merges(mergeable_ranks)
         tok.special_tokens = {}
         tok._rebuild()
         if special_tokens:
             tok.register_special_tokens(dict(special_tokens))
         return tok
-
-
-def _recover_merges(ranks: dict[bytes, int]) -> dict[tuple[int, int], int]:
-    merges = {}
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [token[i:i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            best = None
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < rank and (best is None or r < best[0]):
-                    best = (r, i)
-            if best is None:
-                break
-            i = best[1]
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(parts) == 2:
-            merges[(ranks[parts[0]], ranks[parts[1]])] = rank
-    return dict(sorted(merges.items(), key=lambda kv: kv[1]))

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- train ------------------------------------------------------------------------------
     tok = RegexTokenizer(cfg.pattern, special_tokens=cfg.special_token_list())
     t0 = time.perf_counter()
-    tok.train(train_books, cfg.vocab_size, verbose=True, num_workers=cfg.num_workers, log_every=cfg.log_every)
+    tok.train(train_books, cfg.vocab_size, verbose=True, num_workers=cfg.num_workers, log_every=cfg.log_every,
+              trainer=cfg.trainer)
     train_s = time.perf_counter() - t0
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     print(f"trained {len(tok.merges):,} merges in {train_s:.1f} s ({train_mb / train_s:.2f} MB/s), "
