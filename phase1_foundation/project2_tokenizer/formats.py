@@ -5,6 +5,8 @@
 - GPT-2: OpenAI's `encoder.json` + `vocab.bpe` (`load_gpt2`, `gpt2_bytes_to_unicode`).
 - Hugging Face `tokenizer.json`, byte-level BPE (GPT-2, SmolLM, Qwen, LLaMA 3 style): turned into
   tiktoken-style ranks by `byte_level_bpe` (shared with the GGUF reader) and loaded into `RegexTokenizer`.
+- GGUF (llama.cpp's model files): the tokenizer in the metadata (`load_gguf_tokenizer`), byte-level BPE
+  through `byte_level_bpe` again, or SentencePiece.
 - SentencePiece-style BPE (`SentencePieceBPE`): llama2.c's tokenizer `.bin` (pieces with scores; merges
   chosen by score) and Hugging Face `tokenizer.json` files converted from SentencePiece (LLaMA 2,
   TinyLlama: "▁" for spaces, `<0xNN>` byte-fallback tokens; merges chosen by rank).
@@ -38,6 +40,10 @@ from phase1_foundation.project2_tokenizer.tokenizer import (
 
 # Hugging Face's ByteLevel pre-tokenizer regex (GPT-2's original, without tiktoken's possessive forms).
 HF_BYTELEVEL_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM / StarCoder (HF: Digits(individual_digits) then ByteLevel; llama.cpp pre-tokenizer "smollm"): every
+# digit is a piece of its own, then GPT-2's split runs on the rest. As one regex: a digit ends a piece the way
+# the end of the text does, so `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`, and ` ?\p{N}+` becomes `\p{N}`.
+SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,6 +398,9 @@ def _hf_pattern(pre: dict | None, path: Path) -> str:
         return HF_BYTELEVEL_PATTERN
     if pre.get("type") == "Sequence":
         steps = pre.get("pretokenizers", [])
+        if ([st.get("type") for st in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+                and steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
+            return SMOLLM_PATTERN  # SmolLM2's tokenizer.json
         if (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {})
                 and steps[0].get("behavior") == "Isolated" and steps[1].get("type") == "ByteLevel"
                 and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
@@ -449,7 +458,105 @@ def load_hf_tokenizer(folder: str | Path):
 
     # Byte-level BPE: a token's bytes are the inverse of GPT-2's byte->char map applied to its string.
     pattern = _hf_pattern(spec.get("pre_tokenizer"), path)
-    tok = byte_level_bpe(vocab, merges, pattern, special, source=str(path))
+    tok = byte_level_bpe(_with_all_bytes(vocab), merges, pattern, special, source=str(path))
     add_bos = bool(tcfg.get("add_bos_token", False))
-    return CourseTokenizer(tok, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
-                           name=f"tokenizer.json {folder.name}")
+    size = max(max(vocab.values()), max(added.values(), default=-1)) + 1
+    return _VocabPrefix(tok, size, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
+                        name=f"tokenizer.json {folder.name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. GGUF metadata (llama.cpp's model files carry their tokenizer inside)
+# --------------------------------------------------------------------------------------------------
+
+# tokenizer.ggml.pre -> split pattern (llama.cpp's names); byte-level files of other models name others.
+GGUF_PRE_PATTERNS = {"default": HF_BYTELEVEL_PATTERN, "gpt2": HF_BYTELEVEL_PATTERN, "gpt-2": HF_BYTELEVEL_PATTERN,
+                     "smollm": SMOLLM_PATTERN, "starcoder": SMOLLM_PATTERN}
+GGUF_CONTROL = 3  # tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+
+
+def _with_all_bytes(tokens: list[str] | dict[str, int]) -> dict[str, int]:
+    """{token: id} with every single byte present. SmolLM2's vocabulary lacks 21 single bytes (control
+    characters it never saw): they get placeholder ids past the vocabulary, which `_VocabPrefix` drops on
+    encode, as Hugging Face's BPE without an unk token drops a character it has no token for."""
+    ids = {t: i for i, t in enumerate(tokens)} if isinstance(tokens, list) else dict(tokens)
+    n = max(ids.values()) + 1
+    for c in gpt2_bytes_to_unicode().values():
+        if c not in ids:
+            ids[c], n = n, n + 1
+    return ids
+
+
+class _VocabPrefix(CourseTokenizer):
+    """A byte-level tokenizer whose first n ids are the model's; the placeholder ids above are dropped."""
+
+    def __init__(self, tok, n: int, **kw):
+        super().__init__(tok, **kw)
+        self.n = n
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n
+
+    def encode(self, text: str, bos: bool | None = None, allowed_special: str = "all") -> list[int]:
+        return [i for i in super().encode(text, bos=bos, allowed_special=allowed_special) if i < self.n]
+
+
+def _gguf_metadata(source) -> tuple[dict, str]:
+    """(metadata dict, a name for messages) of a GGUF path, a gguf.GGUFReader, or a metadata dict."""
+    if isinstance(source, dict):
+        return source, str(source.get("general.name", "gguf"))
+    if hasattr(source, "fields"):  # gguf.GGUFReader
+        return {k: f.contents() for k, f in source.fields.items()}, str(getattr(source, "path", "gguf"))
+    from gguf import GGUFReader  # llama.cpp's own reader (project 3's gguf_io has a faster one)
+
+    path = Path(source)
+    if not path.is_file():
+        raise TokenizerError(f"GGUF file not found: {path}")
+    try:
+        return _gguf_metadata(GGUFReader(path, "r"))[0], str(path)
+    except Exception as e:
+        raise TokenizerError(f"{path}: cannot read GGUF metadata ({type(e).__name__}); not a GGUF file or "
+                             "truncated") from None
+
+
+def load_gguf_tokenizer(source):
+    """The tokenizer a GGUF file describes in its metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
+
+    source: a .gguf path, a `gguf.GGUFReader`, or the metadata dict of project 3's `read_gguf`.
+    - `tokenizer.ggml.model = gpt2`: byte-level BPE. `tokens` (GPT-2's byte-to-unicode spelling, position =
+      id) and `merges` ("a b" strings in merge order) go through `byte_level_bpe`; `pre` names the split
+      regex (`GGUF_PRE_PATTERNS`); tokens of type control (3) are special tokens, matched whole.
+    - `tokenizer.ggml.model = llama`: SentencePiece (LLaMA 2, TinyLlama): `tokens` with "▁" for a space and
+      `scores` (the merge priority), `<0xNN>` byte fallback: `SentencePieceBPE`.
+    BOS/EOS come from `bos_token_id` / `eos_token_id`, BOS-prepending from `add_bos_token` (llama.cpp's
+    default: on for SentencePiece, off for byte-level), the chat template from `tokenizer.chat_template`.
+    """
+    meta, name = _gguf_metadata(source)
+    model, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    if model is None or not tokens:
+        raise TokenizerError(f"{name}: the GGUF metadata holds no tokenizer (tokenizer.ggml.model / tokens); "
+                             "pass one with --tokenizer")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == GGUF_CONTROL}
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    template = meta.get("tokenizer.chat_template")
+    if model == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_PATTERNS:
+            raise TokenizerError(f"{name}: pre-tokenizer '{pre}' is not supported (supported: "
+                                 f"{', '.join(GGUF_PRE_PATTERNS)})")
+        tok = byte_level_bpe(_with_all_bytes(tokens), meta.get("tokenizer.ggml.merges") or [],
+                             GGUF_PRE_PATTERNS[pre], special, source=name)
+        return _VocabPrefix(tok, len(tokens), bos_id=bos, eos_id=eos, chat_template=template,
+                            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), name=f"gguf {Path(name).name}")
+    if model == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise TokenizerError(f"{name}: a SentencePiece (llama) tokenizer needs tokenizer.ggml.scores")
+        pieces = [t.replace("\u2581", " ").encode("utf-8") for t in tokens]
+        return SentencePieceBPE(pieces, scores=list(scores), bos_id=bos, eos_id=eos, special_tokens=special,
+                                chat_template=template, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+                                name=f"gguf {Path(name).name}")
+    raise TokenizerError(f"{name}: tokenizer model '{model}' is not supported (only gpt2 byte-level BPE and "
+                         "llama SentencePiece)")
