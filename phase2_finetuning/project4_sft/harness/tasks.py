@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,3 +157,26 @@ def load_humaneval(data_dir: str = DATA) -> list[dict]:
     if len(rows) != 164 or not all(need <= set(r) for r in rows):
         raise CourseError("data/humaneval/HumanEval.jsonl.gz is not the 164-problem HumanEval file; fetch it again")
     return rows
+
+
+def subset(items: list, limit: int, seed: int = 1337, key=None) -> list:
+    """A fixed subset of at most `limit` items (all of them, in order, when limit is 0 or covers them).
+
+    With `key` (e.g. the MMLU subject) the subset is stratified: items are drawn round-robin from each group,
+    each group shuffled by `seed`, so 2,000 MMLU questions still cover all 57 subjects evenly.
+    """
+    if limit <= 0 or limit >= len(items):
+        return list(items)
+    rng = random.Random(seed)
+    groups: dict = {}
+    for it in items:
+        groups.setdefault(key(it) if key else 0, []).append(it)
+    for g in groups.values():
+        rng.shuffle(g)
+    picked, k = [], 0
+    while len(picked) < limit:
+        for g in groups.values():
+            if k < len(g) and len(picked) < limit:
+                picked.append(g[k])
+        k += 1
+    return picked
