@@ -135,7 +135,7 @@ class GGUFFile:
         self.tensors = {name: (shape, ggml_type, start + off) for name, shape, ggml_type, off in table}
 
     def raw(self, name: str, nbytes: int) -> np.ndarray:
-        shape, ggml_type, off = self.tensors[name]
+        off = self.tensors[name][2]
         if off + nbytes > len(self.buf):
             raise CourseError(f"{self.path}: tensor '{name}' ends past the end of the file ({len(self.buf):,} "
                               "bytes); the file is truncated, download it again")

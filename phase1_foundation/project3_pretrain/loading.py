@@ -4,6 +4,7 @@
     path/to/folder/                         a Hugging Face LLaMA-architecture folder (config.json + safetensors)
     TinyLlama/TinyLlama-1.1B-Chat-v1.0      a Hugging Face hub id: downloaded with huggingface_hub, then as above
     data/stories260k/stories260K.bin        a llama2.c model file
+    data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   a llama.cpp GGUF file (gguf_io; tokenizer and chat template inside)
 
 Two levels. `load_model_from_checkpoint` / `load_any` / `load_matching_tokenizer` are what this project's
 scripts need (our checkpoints, or an HF folder, with the course tokenizer). `load_model(spec)` /
@@ -25,11 +26,12 @@ from course.errors import ConfigError, CourseError
 from course.paths import REPO_ROOT, repo_path
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT
-from phase1_foundation.project2_tokenizer.formats import (CourseTokenizer, load_hf_tokenizer, load_llama2c_tokenizer,
-                                                          load_tokenizer)
+from phase1_foundation.project2_tokenizer.formats import (CourseTokenizer, load_gguf_tokenizer, load_hf_tokenizer,
+                                                          load_llama2c_tokenizer, load_tokenizer)
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 from phase1_foundation.project3_pretrain.data import TRAIN_CMD
-from phase1_foundation.project3_pretrain.hf_interop import import_hf
+from phase1_foundation.project3_pretrain.gguf_io import GGUFFile, read_gguf
+from phase1_foundation.project3_pretrain.hf_interop import import_hf, model_from_tensors
 from phase1_foundation.project3_pretrain.llama2c import load_llama2c, read_llama2c_header
 from phase1_foundation.project3_pretrain.model import Llama
 
@@ -134,10 +136,11 @@ def load_matching_tokenizer(path: Path, model: torch.nn.Module):
 @dataclass
 class Loaded:
     model: Llama
-    kind: str            # "ours" | "hf" | "llama2c"
+    kind: str            # "ours" | "hf" | "llama2c" | "gguf"
     folder: Path | None  # HF folder (for tokenizer.json / tokenizer_config.json)
     path: Path
     tokenizer: Path | None = None  # ours: the tokenizer copy its training data was made with
+    metadata: dict | None = None   # gguf: the file's key/values (its tokenizer and chat template)
 
 
 def _first_line(e: BaseException) -> str:
@@ -180,9 +183,12 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
         elif path.suffix == ".bin":
             read_llama2c_header(path)  # a clear error if it is not one
             loaded = Loaded(load_llama2c(path), "llama2c", None, path)
+        elif path.suffix == ".gguf":
+            cfg, tensors, meta = read_gguf(GGUFFile(path))
+            loaded = Loaded(model_from_tensors(cfg, tensors, str(path)), "gguf", None, path, metadata=meta)
         else:
             raise CourseError(f"unknown model format: {path} (expected a checkpoint .pt, a llama2.c .bin, "
-                              "a Hugging Face folder or a hub id)")
+                              "a .gguf file, a Hugging Face folder or a hub id)")
     elif HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         folder = hub_download(spec)
         loaded = Loaded(import_hf(folder), "hf", folder, folder)
@@ -205,6 +211,8 @@ def load_tokenizer_for(loaded: Loaded, spec: str | None = None):
             return load_llama2c_tokenizer(path, loaded.model.config.vocab_size)
         if path.suffix == ".pkl":
             return course_tokenizer(path)
+        if path.suffix == ".gguf":
+            return load_gguf_tokenizer(GGUFFile(path).metadata)
         if not path.exists():
             raise CourseError(f"tokenizer not found: {path}")
         raise CourseError(f"unknown tokenizer format: {path} (expected tokenizer.json, a llama2.c .bin or a .pkl)")
@@ -214,6 +222,9 @@ def load_tokenizer_for(loaded: Loaded, spec: str | None = None):
         if (loaded.folder / "tokenizer.pkl").is_file():  # written by export_hf
             return course_tokenizer(loaded.folder / "tokenizer.pkl")
         raise CourseError(f"no tokenizer.json or tokenizer.pkl in {loaded.folder}; pass one with --tokenizer")
+    if loaded.kind == "gguf":
+        meta = loaded.metadata if loaded.metadata is not None else GGUFFile(loaded.path).metadata
+        return load_gguf_tokenizer(meta)
     if loaded.kind == "llama2c":
         candidates = sorted(loaded.path.parent.glob("tok*.bin"))
         if len(candidates) == 1:
