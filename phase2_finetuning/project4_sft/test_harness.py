@@ -216,3 +216,23 @@ def test_report_is_json_and_markdown(tmp_path):
     data = json.loads(js.read_text())
     assert data["meta"]["model"] == "tiny" and data["results"][0]["per_second"] == 5.0
     assert "| arc_easy | 10 | 50.00% | 16.67 | 5.0 |" in md.read_text()
+
+
+def test_subset_is_fixed_and_stratified():
+    items = [MCItem(f"{s}/{k}", "q", [" A"], 0, s) for s in "abc" for k in range(10 if s != "c" else 2)]
+    pick = tasks.subset(items, 9, seed=1, key=lambda i: i.subject)
+    assert pick == tasks.subset(items, 9, seed=1, key=lambda i: i.subject)
+    counts = {s: sum(i.subject == s for i in pick) for s in "abc"}
+    assert counts == {"a": 4, "b": 3, "c": 2}  # round-robin until c runs out
+    assert tasks.subset(items, 0) == items and len({i.id for i in pick}) == 9
+
+
+def test_eval_config_rejects_bad_values_with_one_line():
+    from course.errors import ConfigError
+    from phase2_finetuning.project4_sft.config import EvalConfig
+
+    assert EvalConfig.from_preset("cpu").validate_config().limit == 100
+    with pytest.raises(ConfigError, match="tasks"):
+        EvalConfig(tasks="arc_easy,squad").validate_config()
+    with pytest.raises(ConfigError, match="shots"):
+        EvalConfig(shots=9).validate_config()
