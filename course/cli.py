@@ -43,7 +43,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         message = " ".join(str(message).split())  # argparse messages can hold newlines
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 # ---- argparse types: each raises ArgumentTypeError, which argparse prefixes with the flag ------------

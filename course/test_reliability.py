@@ -144,22 +144,22 @@ def flag_parser() -> cli.ArgumentParser:
 
 
 @pytest.mark.parametrize("argv,line", [
-    (["--n=0"], "error: argument --n: expected an integer > 0, got '0' (see tool.py --help)"),
-    (["--n=2.5"], "error: argument --n: expected an integer, got '2.5' (see tool.py --help)"),
-    (["--k=-1"], "error: argument --k: expected an integer >= 0, got '-1' (see tool.py --help)"),
-    (["--x=nan"], "error: argument --x: expected a finite number, got 'nan' (see tool.py --help)"),
-    (["--x=-inf"], "error: argument --x: expected a finite number, got '-inf' (see tool.py --help)"),
-    (["--x=abc"], "error: argument --x: expected a number, got 'abc' (see tool.py --help)"),
-    (["--p=0"], "error: argument --p: expected a number in (0, 1], got '0' (see tool.py --help)"),
-    (["--q=1.5"], "error: argument --q: expected a number in [0, 1], got '1.5' (see tool.py --help)"),
-    (["--t=-1"], "error: argument --t: expected a number in [0, inf], got '-1' (see tool.py --help)"),
+    (["--n=0"], "error: argument --n: expected an integer > 0, got '0' (see --help)"),
+    (["--n=2.5"], "error: argument --n: expected an integer, got '2.5' (see --help)"),
+    (["--k=-1"], "error: argument --k: expected an integer >= 0, got '-1' (see --help)"),
+    (["--x=nan"], "error: argument --x: expected a finite number, got 'nan' (see --help)"),
+    (["--x=-inf"], "error: argument --x: expected a finite number, got '-inf' (see --help)"),
+    (["--x=abc"], "error: argument --x: expected a number, got 'abc' (see --help)"),
+    (["--p=0"], "error: argument --p: expected a number in (0, 1], got '0' (see --help)"),
+    (["--q=1.5"], "error: argument --q: expected a number in [0, 1], got '1.5' (see --help)"),
+    (["--t=-1"], "error: argument --t: expected a number in [0, inf], got '-1' (see --help)"),
     (["--text=ab\udcff"], "error: argument --text: is not valid UTF-8 text; pass plain UTF-8 characters "
-                          "(see tool.py --help)"),
+                          "(see --help)"),
     (["--file=/nonexistent/f.txt"], "error: argument --file: file not found: /nonexistent/f.txt "
-                                    "(see tool.py --help)"),
-    (["--mode=c"], "error: argument --mode: invalid choice: 'c' (choose from 'a', 'b') (see tool.py --help)"),
-    (["--nope"], "error: unrecognized arguments: --nope (see tool.py --help)"),
-    (["--n"], "error: argument --n: expected one argument (see tool.py --help)"),
+                                    "(see --help)"),
+    (["--mode=c"], "error: argument --mode: invalid choice: 'c' (choose from 'a', 'b') (see --help)"),
+    (["--nope"], "error: unrecognized arguments: --nope (see --help)"),
+    (["--n"], "error: argument --n: expected one argument (see --help)"),
 ])
 def test_parser_errors_are_one_line(argv, line):
     assert one_line_error(lambda a: flag_parser().parse_args(a), argv) == line
