@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from course.errors import CourseError
 from course.paths import REPO_ROOT
