@@ -121,6 +121,6 @@ def write_gguf(path, model, qtype: T, arch: str = "llama", tok_model: str = "gpt
 
 
 def tiny_gguf_llama(tied: bool = True, seed: int = 3):
-    """A tiny Llama whose rows (256 wide) fit every block size, K-quants' 256 included; 300 tokens."""
-    return tiny_llama(seed=seed, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=512, vocab_size=300,
-                      tie_embeddings=tied)
+    """A tiny Llama whose rows (256 wide) fit every block size (K-quants' 256 too); 300 tokens, 512 positions."""
+    return tiny_llama(seed=seed, block_size=512, n_embd=256, n_head=4, n_kv_head=2, intermediate_size=512,
+                      vocab_size=300, tie_embeddings=tied)
