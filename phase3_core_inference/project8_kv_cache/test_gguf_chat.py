@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from course.clitest import one_line_error
+from course.errors import run_cli
 from course.paths import REPO_ROOT
 from phase1_foundation.project3_pretrain.gguf_testing import tiny_gguf_llama, write_gguf
 from phase1_foundation.project3_pretrain.loading import load_model, load_tokenizer_for
@@ -18,10 +18,10 @@ from phase3_core_inference.project8_kv_cache import generate
 REAL = REPO_ROOT / "data" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def run_generate(monkeypatch, capsys, argv: list[str], stdin: str = "") -> tuple[str, str]:
+def run_generate(monkeypatch, capsys, argv: list[str], stdin: str = "", cli: bool = False) -> tuple[str, str]:
     monkeypatch.setattr(sys, "argv", ["generate.py", *argv])
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    generate.main()
+    run_cli(generate.main) if cli else generate.main()
     out = capsys.readouterr()
     return out.out, out.err
 
@@ -49,10 +49,14 @@ def test_chat_on_tiny_gguf_keeps_the_cache(monkeypatch, capsys, tiny_file):
     assert "3 new tokens" in summaries[0] and "3 new tokens" in summaries[1]
 
 
-def test_chat_without_template_is_one_line(tmp_path):
+def test_chat_without_template_is_one_line(monkeypatch, capsys, tmp_path):
     from gguf import GGMLQuantizationType as T
     path = write_gguf(tmp_path / "no-template.gguf", tiny_gguf_llama(), T.F32, template=None)
-    assert "has no chat template" in one_line_error(generate.main, ["--model", str(path), "--chat"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_generate(monkeypatch, capsys, ["--model", str(path), "--chat"], "hi\n", cli=True)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "has no chat template" in err
 
 
 @pytest.mark.skipif(not REAL.is_file(), reason=f"{REAL} absent; import it with: uv run python "
