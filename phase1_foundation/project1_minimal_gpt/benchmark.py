@@ -17,7 +17,6 @@ Results go to stdout and to checkpoints/project1/bench/results.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -28,11 +27,15 @@ from pathlib import Path
 import torch
 
 from course.checkpoint import atomic_write_text
+from course.cli import ArgumentParser
+from course.config import add_config_args, configs_from_args
 from course.device import set_seed
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
-from phase1_foundation.project1_minimal_gpt.generate import generate_text, load_model
-from phase1_foundation.project1_minimal_gpt.train import DEFAULT_OUT_DIR, encode, load_text, split_data
+from phase1_foundation.project1_minimal_gpt.config import GPTConfig
+from phase1_foundation.project1_minimal_gpt.data import DEFAULT_OUT_DIR, encode, load_text, split_data
+from phase1_foundation.project1_minimal_gpt.sampling import generate_text
+from phase1_foundation.project1_minimal_gpt.training import load_model
 
 HERE = Path(__file__).resolve().parent
 NANOGPT_CPU = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
@@ -87,6 +90,17 @@ def run_one(name: str, extra: list[str], seed: int) -> dict:
             "ckpt": out_dir / "last.pt"}
 
 
+def check_extra(extra: list[str]) -> None:
+    """Parse --extra with train.py's own parser first: a bad flag fails now, not after a 5-minute row."""
+    parser = ArgumentParser(prog="benchmark.py --extra")
+    for flag in ("--data_path", "--out_dir", "--device", "--seed"):
+        parser.add_argument(flag)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
+    add_config_args(parser, GPTConfig, default_preset="cpu")
+    configs_from_args(parser.parse_args(extra), GPTConfig)
+
+
 def verdict(r: dict) -> str:
     if r["name"] == "nanogpt":
         ok = r["tokens_per_s"] >= 16_000
@@ -98,7 +112,7 @@ def verdict(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="nanogpt,budget,cpu", help="comma-separated rows (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--extra", default="", help="extra train.py flags for every row, e.g. "
@@ -107,10 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise CourseError(f"unknown benchmark row(s) {', '.join(unknown)}; choose from: {', '.join(RUNS)}")
+    if unknown or not names:
+        raise CourseError(f"unknown benchmark row(s) {', '.join(unknown) or '(none given)'}; "
+                          f"choose from: {', '.join(RUNS)}")
     if args.device != "cpu":
         raise CourseError("benchmark.py measures the CPU quality bar; run train.py --preset gpu for the GPU run")
+    check_extra(args.extra.split())
     load_text()  # fetch the data first (or fail with the one-line download message)
 
     results = [run_one(n, RUNS[n][1] + args.extra.split(), args.seed) for n in names]

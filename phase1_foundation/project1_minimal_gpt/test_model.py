@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 from unittest import mock
@@ -25,13 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from course.checkpoint import load_checkpoint, save_checkpoint
+from course.cli import run_demo
+from course.clitest import assert_help_works, assert_one_line_error, one_line_error, run_script
 from course.errors import ConfigError, CourseError, run_cli
 from course.paths import REPO_ROOT
-from phase1_foundation.project1_minimal_gpt import download_data, generate, train
+from phase1_foundation.project1_minimal_gpt import benchmark, data, download_data, generate, train, training
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT, LayerNorm
-from phase1_foundation.project1_minimal_gpt.sampling import (apply_temperature, sample_next_token, top_k_filter,
-                                                             top_p_filter)
+from phase1_foundation.project1_minimal_gpt.sampling import (apply_temperature, generate_text, sample_next_token,
+                                                             stream_tokens, top_k_filter, top_p_filter)
 
 TINY = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32)
 TINY_TRAIN = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, batch_size=4, max_iters=8, eval_interval=4,
@@ -275,7 +278,7 @@ def test_sampling_frequencies_match_filtered_distribution():
 
 # ---- training pieces --------------------------------------------------------------------------
 def test_cosine_lr_shape():
-    lr = lambda it: train.cosine_lr(it, 10, 110, 1e-3, 1e-4)  # noqa: E731
+    lr = lambda it: training.cosine_lr(it, 10, 110, 1e-3, 1e-4)  # noqa: E731
     assert lr(0) == pytest.approx(1e-3 / 11) and lr(9) == pytest.approx(1e-3 * 10 / 11)
     assert lr(10) == pytest.approx(1e-3)
     assert lr(60) == pytest.approx((1e-3 + 1e-4) / 2)
@@ -295,13 +298,13 @@ def test_estimate_loss_is_mean_over_batches():
         return torch.full((2, 3), v), None
 
     model = Fake().train()
-    out = train.estimate_loss(model, get_batch, 4)
+    out = training.estimate_loss(model, get_batch, 4)
     assert out == {"train": 1.5, "val": 5.5} and model.training
 
 
 def test_get_batch_targets_are_shifted_inputs():
-    data = torch.arange(1000)
-    gb = train.make_get_batch(data[:900], data[900:], 8, 5, torch.device("cpu"))
+    ids = torch.arange(1000)
+    gb = data.make_get_batch(ids[:900], ids[900:], 8, 5, torch.device("cpu"))
     x, y = gb("train")
     assert x.shape == y.shape == (5, 8) and torch.equal(y, x + 1) and x.max() < 900
     x, _ = gb("val")
@@ -329,9 +332,9 @@ def test_checkpoint_round_trip_identical_logits(tmp_path):
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
     chars = [chr(ord("a") + i) for i in range(11)]
     losses = {"train": 1.0, "val": 1.1}
-    save_checkpoint(tmp_path / "ckpt.pt", train._checkpoint(model, opt, model.config, chars, 3, losses, 1.1,
-                                                            {}, 0))
-    loaded, loaded_chars = generate.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
+    save_checkpoint(tmp_path / "ckpt.pt", training.checkpoint_state(model, opt, model.config, chars, 3, losses,
+                                                                     1.1, {}, 0))
+    loaded, loaded_chars = training.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
     idx = torch.randint(0, 11, (2, 16))
     assert loaded_chars == chars and torch.equal(model.eval()(idx)[0], loaded(idx)[0])
 
@@ -418,16 +421,16 @@ def test_generation_reproducible_with_seed():
     randomize(model, 0.2)
     chars = list("abcdefghij ")
     kw = dict(max_new_tokens=40, temperature=1.0, top_k=5, top_p=0.9)
-    a = generate.generate_text(model, chars, "abc", seed=3, **kw)
-    assert a == generate.generate_text(model, chars, "abc", seed=3, **kw) and len(a) == 40
-    assert a != generate.generate_text(model, chars, "abc", seed=4, **kw)
+    a = generate_text(model, chars, "abc", seed=3, **kw)
+    assert a == generate_text(model, chars, "abc", seed=3, **kw) and len(a) == 40
+    assert a != generate_text(model, chars, "abc", seed=4, **kw)
 
 
 def test_stream_tokens_greedy_matches_manual_loop():
     model = tiny_model().eval()
     randomize(model, 0.2)
     idx = torch.tensor([[1, 2, 3]])
-    got = list(generate.stream_tokens(model, idx, 20, block_size=16, temperature=0))  # crosses block_size
+    got = list(stream_tokens(model, idx, 20, block_size=16, temperature=0))  # crosses block_size
     seq = idx[0].tolist()
     for _ in range(20):
         with torch.no_grad():
@@ -446,22 +449,46 @@ def test_generate_unknown_prompt_chars(text_file, tmp_path, capsys):
 
 def test_generate_bad_sampling_flags(capsys):
     msg = cli_error(lambda: generate.main(["--top_k=0"]), capsys)
-    assert msg == "error: top_k (0) must be a positive integer"
+    assert msg == "error: argument --top_k: expected an integer > 0, got '0' (see --help)"
     msg = cli_error(lambda: generate.main(["--top_p=2"]), capsys)
-    assert msg == "error: top_p (2.0) must be in (0, 1]"
+    assert msg == "error: argument --top_p: expected a number in (0, 1], got '2' (see --help)"
     msg = cli_error(lambda: generate.main(["--temperature=-1"]), capsys)
-    assert "--temperature (-1.0) must be >= 0" in msg
+    assert msg == "error: argument --temperature: expected a number in [0, inf], got '-1' (see --help)"
 
 
 def test_generate_interactive_loop(text_file, tmp_path, capsys):
+    """A bad line is reported and the session goes on; an empty line does nothing; /quit quits."""
     run_train(text_file, tmp_path / "run", "--max_iters=2", "--eval_interval=2")
     capsys.readouterr()
-    with mock.patch("builtins.input", side_effect=["king", "Zed", "the", ""]):
+    with mock.patch("builtins.input", side_effect=["king", "Zed", "", "the", "/quit", "never read"]):
         generate.main([f"--checkpoint={tmp_path / 'run' / 'ckpt.pt'}", "--interactive", "--max_new_tokens=5",
                        "--device=cpu"])
-    out = capsys.readouterr().out
-    assert "error: the prompt contains characters not in the model's vocabulary: 'Z'" in out  # and it goes on
-    assert out.index("king") < out.index("error:") < out.rindex("the")
+    captured = capsys.readouterr()
+    assert captured.err == "error: the prompt contains characters not in the model's vocabulary: 'Z', 'd'; the " \
+                           "model knows only the 22 characters of its training text\n"
+    answers = [line for line in captured.out.splitlines()[1:] if line]  # after the banner
+    assert len(answers) == 2 and answers[0].startswith("king") and answers[1].startswith("the")
+    assert all(len(a) in (4 + 5, 3 + 5) for a in answers)  # the prompt + exactly 5 new characters
+
+
+def test_generate_interactive_ctrl_c_stops_one_answer(text_file, tmp_path, capsys):
+    run_train(text_file, tmp_path / "run", "--max_iters=2", "--eval_interval=2")
+    capsys.readouterr()
+    real = generate.generate_text
+
+    def interrupted_on_king(model, chars, prompt, **kw):
+        if prompt == "king":
+            kw["stream"].write("ab")
+            raise KeyboardInterrupt  # Ctrl-C while this answer is being sampled
+        return real(model, chars, prompt, **kw)
+
+    with mock.patch.object(generate, "generate_text", interrupted_on_king), \
+            mock.patch("builtins.input", side_effect=["king", "the", EOFError]):
+        generate.main([f"--checkpoint={tmp_path / 'run' / 'ckpt.pt'}", "--interactive", "--max_new_tokens=5",
+                       "--device=cpu"])
+    captured = capsys.readouterr()
+    assert captured.err == "(stopped)\n"
+    assert "kingab\n" in captured.out and captured.out.endswith("\n") and captured.out.count("the") >= 1
 
 
 def test_generate_missing_checkpoint(tmp_path, capsys):
@@ -490,15 +517,15 @@ def test_train_bad_config_flag_and_resume_shape_change(text_file, tmp_path, caps
 def test_train_fetches_missing_default_data_and_offline_is_one_clear_error(tmp_path, monkeypatch):
     """train.py downloads Tiny Shakespeare itself when data/ lacks it; offline that ends in the --source line."""
     missing = tmp_path / "shakespeare.txt"
-    monkeypatch.setattr(train, "DATA_PATH", missing)
+    monkeypatch.setattr(data, "DATA_PATH", missing)
     with mock.patch("urllib.request.urlopen", side_effect=urllib.error.URLError("no network")):
         with pytest.raises(CourseError, match=r"offline\? import a local copy .* --source PATH_TO/input.txt"):
-            train.load_text(missing)
+            data.load_text(missing)
     assert not missing.exists()
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CourseError, match="is not UTF-8 text"):
-        train.load_text(binary)
+        data.load_text(binary)
 
 
 def test_download_offline_and_bad_source(tmp_path, capsys):
@@ -520,17 +547,211 @@ def test_scripts_run_as_file_and_as_module():
         assert res.returncode == 0 and "--seed" in res.stdout and "--device" in res.stdout, res.stderr
 
 
+# ---- every script: bad flags and bad files end in one line, never a traceback -----------------------------
+@pytest.fixture
+def bad_files(tmp_path, text_file) -> dict[str, Path]:
+    files = {"empty": tmp_path / "empty.txt", "binary": tmp_path / "bin.txt", "short": tmp_path / "short.txt",
+             "folder": tmp_path / "folder", "not_ckpt": tmp_path / "other.pt", "corrupt": tmp_path / "corrupt.pt",
+             "mismatch": tmp_path / "mismatch.pt", "text": text_file}
+    files["empty"].write_text("")
+    files["binary"].write_bytes(b"\x80\x81\xfe" * 100)
+    files["short"].write_text("too short")
+    files["folder"].mkdir()
+    save_checkpoint(files["not_ckpt"], {"iter": 1, "model_state_dict": {}})  # no config, no chars
+    files["corrupt"].write_bytes(b"PK\x03\x04 half a zip")
+    chars = sorted(set(text_file.read_text()))  # the text's own vocabulary: only the weights are wrong
+    model = tiny_model(vocab_size=len(chars))
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
+    state = training.checkpoint_state(model, opt, model.config, chars, 0, {"train": 1, "val": 1}, 1.0, {}, 0)
+    state["config"]["n_embd"] = 64  # a config that does not match its weights
+    state["config"]["n_head"] = 2
+    save_checkpoint(files["mismatch"], state)
+    return files
+
+
+TRAIN_BAD = [
+    (["--n_layer=0"], "invalid config: n_layer (0) must be > 0"),
+    (["--learning_rate=nan"], "invalid config: learning_rate (nan) must be a finite number"),
+    (["--learning_rate=inf"], "invalid config: learning_rate (inf) must be a finite number"),
+    (["--dropout=nan"], "invalid config: dropout (nan) must be a finite number"),
+    (["--time_budget_s=-inf"], "invalid config: time_budget_s (-inf) must be a finite number"),
+    (["--batch_size=0"], "invalid config: batch_size (0) must be > 0"),
+    (["--max_iters=-1"], "invalid config: max_iters (-1) must be > 0"),
+    (["--n_layer=two"], "argument --n_layer: invalid int value: 'two'"),
+    (["--lr=1e-3"], "unrecognized arguments: --lr=1e-3"),  # no abbreviation of --lr_decay_iters
+    (["--preset=tpu"], "argument --preset: invalid choice: 'tpu'"),
+    (["--seed=x"], "argument --seed: invalid int value: 'x'"),
+    (["--device=tpu"], "unknown device 'tpu'"),
+    (["--out_dir={text}"], "is an existing file, not a folder"),
+    (["--data_path={empty}"], "is empty; it needs at least 100"),
+    (["--data_path={binary}"], "is not UTF-8 text"),
+    (["--data_path={short}"], "has only 9 characters; it needs at least 100"),
+    (["--data_path={folder}"], "is a folder; pass a file"),
+    (["--data_path={folder}/none.txt"], "data file not found"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", TRAIN_BAD, ids=[a[0] for a, _ in TRAIN_BAD])
+def test_train_bad_flags_and_files(argv, fragment, bad_files, tmp_path):
+    argv = [a.format(**bad_files) for a in argv]
+    if not any(a.startswith("--data_path") for a in argv):
+        argv.append(f"--data_path={bad_files['text']}")
+    if not any(a.startswith("--out_dir") for a in argv):
+        argv.append(f"--out_dir={tmp_path / 'run'}")
+    for flag, default in (("--device", "cpu"), ("--time_budget_s", "1")):  # a case that wrongly passes stays short
+        if not any(a.startswith(flag) for a in argv):
+            argv.append(f"{flag}={default}")
+    assert fragment in one_line_error(train.main, argv + ["--no_progress"])
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--preset=gpu"], "--preset cannot be combined with --resume"),
+    (["--n_embd=64"], "cannot change n_embd when resuming"),
+    (["--learning_rate=nan"], "learning_rate (nan) must be a finite number"),
+])
+def test_train_resume_refuses_conflicting_flags(argv, fragment, text_file, tmp_path, capsys):
+    run_train(text_file, tmp_path / "run", "--max_iters=2", "--eval_interval=2")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    assert fragment in one_line_error(train.main, [f"--data_path={text_file}", f"--out_dir={tmp_path / 'run'}",
+                                                   "--device=cpu", "--no_progress", "--resume", *argv])
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_train_resume_from_a_checkpoint_of_another_kind(bad_files, tmp_path):
+    run_dir = tmp_path / "other_run"
+    run_dir.mkdir()
+    for name, fragment in (("not_ckpt", "is not a project 1 checkpoint (it has no config, chars)"),
+                           ("corrupt", "the file is corrupt or not a checkpoint"),
+                           ("mismatch", "do not match its config")):
+        (run_dir / "last.pt").write_bytes(bad_files[name].read_bytes())
+        assert fragment in one_line_error(train.main, [f"--data_path={bad_files['text']}", f"--out_dir={run_dir}",
+                                                       "--device=cpu", "--no_progress", "--resume"])
+
+
+def test_train_stops_when_the_loss_becomes_nan(text_file, tmp_path):
+    """--learning_rate is finite, but so large that the weights overflow: one line, non-zero exit, no
+    diverged checkpoint saved over the good one."""
+    line = one_line_error(train.main, [f"--data_path={text_file}", f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                                       "--no_progress", "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0",
+                                       *[f"--{k}={v}" for k, v in TINY_TRAIN.items()
+                                         if v is not None and k != "warmup_iters"]])
+    assert re.match(r"error: the loss became (nan|inf) at iter \d+; the run is stopped", line), line
+    assert "the last good checkpoint is" in line
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.isfinite(t).all() for t in state["model_state_dict"].values())
+
+
+def test_train_removes_stale_temp_files_of_a_killed_save(text_file, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    run_train(text_file, tmp_path / "run", "--max_iters=2", "--eval_interval=2")
+    assert "note: removed 1 unfinished temp file(s)" in capsys.readouterr().out
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+SLOW_SAVE_TRAIN = """
+import sys, time, torch
+real_save = torch.save
+calls = []
+def slow_save(obj, f, *a, **kw):   # the second save is last.pt's: slow, like a big model on a slow disk
+    calls.append(1)
+    if len(calls) == 2:
+        print("saving last.pt", flush=True)
+        time.sleep(1.5)
+    real_save(obj, f, *a, **kw)
+torch.save = slow_save
+from course.errors import run_cli
+from phase1_foundation.project1_minimal_gpt import train
+run_cli(lambda: train.main(sys.argv[1:]))
+"""
+
+
+def test_sigint_during_a_checkpoint_save_of_train_py(text_file, tmp_path):
+    """Ctrl-C while last.pt is written: the save completes, then the usual one-line resume hint."""
+    import signal
+
+    out_dir = tmp_path / "run"
+    args = [f"--data_path={text_file}", f"--out_dir={out_dir}", "--device=cpu", "--no_progress",
+            *[f"--{k}={v}" for k, v in TINY_TRAIN.items() if v is not None], "--max_iters=100000"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE_TRAIN, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line == "saving last.pt\n":
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert lines[-1] == (f"error: training interrupted at iter 0; the last complete checkpoint is {out_dir / 'last.pt'}"
+                         f"; continue with: {data.TRAIN_CMD} --resume --out_dir {out_dir}"), err
+    assert load_checkpoint(out_dir / "last.pt")["iter"] == 0  # intact and loadable
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "last.pt"]  # no temp file left
+
+
+GENERATE_BAD = [
+    (["--top_k=0"], "argument --top_k: expected an integer > 0, got '0'"),
+    (["--top_k=1.5"], "argument --top_k: expected an integer, got '1.5'"),
+    (["--top_p=0"], "argument --top_p: expected a number in (0, 1], got '0'"),
+    (["--top_p=nan"], "argument --top_p: expected a finite number, got 'nan'"),
+    (["--temperature=nan"], "argument --temperature: expected a finite number, got 'nan'"),
+    (["--temperature=inf"], "argument --temperature: expected a finite number, got 'inf'"),
+    (["--max_new_tokens=0"], "argument --max_new_tokens: expected an integer > 0, got '0'"),
+    (["--max_new_tokens=-3"], "argument --max_new_tokens: expected an integer > 0, got '-3'"),
+    (["--prompt=ab\udcff"], "argument --prompt: is not valid UTF-8 text"),  # how Linux passes non-UTF-8 argv
+    (["--seed=x"], "argument --seed: invalid int value: 'x'"),
+    (["--checkpoint={folder}/none.pt"], "checkpoint not found"),
+    (["--checkpoint={not_ckpt}"], "is not a project 1 checkpoint (it has no config, chars)"),
+    (["--checkpoint={corrupt}"], "the file is corrupt or not a checkpoint"),
+    (["--checkpoint={mismatch}"], "do not match its config (size mismatch for"),
+    (["--checkpoint={mismatch}", "--device=tpu"], "unknown device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", GENERATE_BAD, ids=[" ".join(a) for a, _ in GENERATE_BAD])
+def test_generate_bad_flags_and_files(argv, fragment, bad_files):
+    assert fragment in one_line_error(generate.main, [a.format(**bad_files) for a in argv])
+
+
+@pytest.mark.parametrize("main,argv,fragment", [
+    (benchmark.main, ["--only=fast"], "unknown benchmark row(s) fast; choose from: nanogpt, budget, cpu"),
+    (benchmark.main, ["--only=,"], "unknown benchmark row(s) (none given)"),
+    (benchmark.main, ["--device=cuda"], "benchmark.py measures the CPU quality bar"),
+    (benchmark.main, ["--seed=1.5"], "argument --seed: invalid int value: '1.5'"),
+    (benchmark.main, ["--extra=--n_layer=0"], "invalid config: n_layer (0) must be > 0"),
+    (benchmark.main, ["--extra=--max_iter=5"], "unrecognized arguments: --max_iter=5"),
+    (benchmark.main, ["--nope"], "unrecognized arguments: --nope"),
+    (download_data.main, ["--dest={folder}"], "is a folder; give the file to write"),
+    (download_data.main, ["--dest={folder}/x.txt", "--source={folder}/missing.txt"], "--source file not found"),
+    (download_data.main, ["--force=yes"], "ignored explicit argument 'yes'"),
+])
+def test_benchmark_and_download_bad_flags(main, argv, fragment, bad_files):
+    assert fragment in one_line_error(main, [a.format(**bad_files) for a in argv])
+
+
+def test_every_runnable_file_answers_help_and_test_model_still_runs_its_demo():
+    here = "phase1_foundation/project1_minimal_gpt"
+    for name in ("benchmark.py", "download_data.py", "test_model.py"):
+        assert_help_works(f"{here}/{name}", "usage:")
+    res = run_script(f"{here}/test_model.py", timeout=300)
+    assert res.returncode == 0 and b"1. Initial loss" in res.stdout and b"5. " in res.stdout, res.stderr[-2000:]
+    bad = run_script(f"{here}/generate.py", "--top_k", "0")  # a real process: exit 2, one line, no usage dump
+    assert assert_one_line_error(bad) == "error: argument --top_k: expected an integer > 0, got '0' " \
+                                         "(see --help)"
+
+
 # ---- the real data set (skipped until download_data.py has run) ----------------------------------------
-needs_data = pytest.mark.skipif(not download_data.DATA_PATH.is_file(),
+needs_data = pytest.mark.skipif(not data.DATA_PATH.is_file(),
                                 reason="data/shakespeare.txt absent; run project 1's download_data.py first")
 
 
 @needs_data
 def test_real_data_vocab_and_split():
-    text = train.load_text()
-    chars = train.build_vocab(text)
+    text = data.load_text()
+    chars = data.build_vocab(text)
     assert len(text) == 1_115_394 and len(chars) == 65
-    tr, va = train.split_data(torch.arange(len(text)))
+    tr, va = data.split_data(torch.arange(len(text)))
     assert (len(tr), len(va)) == (1_003_854, 111_540)
 
 
@@ -582,14 +803,14 @@ def _demo() -> None:
         print(f"   {name:<16} -> probabilities {[round(p, 3) for p in F.softmax(out, -1).tolist()]}")
     print()
 
-    ckpt = train.DEFAULT_OUT_DIR / "ckpt.pt"
+    ckpt = data.DEFAULT_OUT_DIR / "ckpt.pt"
     if ckpt.is_file():
-        model, chars = generate.load_model(ckpt, torch.device("cpu"))
+        model, chars = training.load_model(ckpt, torch.device("cpu"))
         print(f"5. A sample from your trained model ({ckpt}):\n")
-        print("ROMEO:" + generate.generate_text(model, chars, "ROMEO:", 200, temperature=0.8, seed=0))
+        print("ROMEO:" + generate_text(model, chars, "ROMEO:", 200, temperature=0.8, seed=0))
     else:
         print(f"5. (no trained model yet at {ckpt}; run train.py, then this script shows a sample)")
 
 
 if __name__ == "__main__":
-    _demo()
+    run_demo(_demo, __doc__)

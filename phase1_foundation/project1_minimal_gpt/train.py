@@ -22,159 +22,40 @@ and ends with one summary line `done: val_loss=... train_loss=... wall_s=... tok
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from course.checkpoint import (atomic_write_json, capture_rng_state, load_checkpoint, restore_rng_state,
-                               save_checkpoint)
+from course.checkpoint import atomic_write_json, remove_stale_temps, restore_rng_state, save_checkpoint
+from course.cli import ArgumentParser, out_dir as out_dir_type, warn_if_gpu_preset_without_gpu
+from course.config import parse_configs
 from course.device import device_summary, get_device, set_seed
-from course.errors import ConfigError, CourseError, run_cli
-from course.paths import REPO_ROOT
+from course.errors import ConfigError, CourseError, check_finite_loss, run_cli
 from course.plots import plot_curves
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
-from phase1_foundation.project1_minimal_gpt.download_data import DATA_PATH, ensure_data
+from phase1_foundation.project1_minimal_gpt.data import (DATA_PATH, DEFAULT_OUT_DIR, TRAIN_CMD, build_vocab,
+                                                         encode, load_text, make_get_batch, split_data)
 from phase1_foundation.project1_minimal_gpt.model import GPT
-
-DEFAULT_OUT_DIR = REPO_ROOT / "checkpoints" / "project1"
-TRAIN_CMD = "uv run python phase1_foundation/project1_minimal_gpt/train.py"
-# Fields that fix the network's shape: a resumed run cannot change them.
-ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-
-
-# ---- data --------------------------------------------------------------------------------
-def load_text(path: str | Path = DATA_PATH) -> str:
-    """Read the training text; the default file is downloaded when missing."""
-    path = Path(path)
-    if not path.is_file():
-        if path.resolve() == DATA_PATH.resolve():
-            ensure_data(path)
-        else:
-            raise CourseError(f"data file not found: {path}; pass an existing --data_path or download "
-                              "Tiny Shakespeare with: uv run python phase1_foundation/project1_minimal_gpt/"
-                              "download_data.py")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CourseError(f"data file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                          "pass a plain text file with --data_path") from None
-    if len(text) < 100:
-        raise CourseError(f"data file {path} has only {len(text)} characters; it needs at least 100 to train on")
-    return text
-
-
-def build_vocab(text: str) -> list[str]:
-    """The sorted distinct characters of the text: the model's whole vocabulary (65 for Shakespeare)."""
-    return sorted(set(text))
-
-
-def encode(text: str, chars: list[str], what: str = "text") -> list[int]:
-    """Characters -> ids. Unknown characters raise one CourseError that names them all."""
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    unknown = sorted({ch for ch in text if ch not in stoi})
-    if unknown:
-        raise CourseError(f"{what} contains characters not in the model's vocabulary: "
-                          f"{', '.join(repr(c) for c in unknown)}; the model knows only the {len(chars)} "
-                          "characters of its training text")
-    return [stoi[ch] for ch in text]
-
-
-def decode(ids, chars: list[str]) -> str:
-    return "".join(chars[i] for i in ids)
-
-
-def split_data(ids: torch.Tensor, train_frac: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
-    """First 90% of the characters for training, the last 10% for validation (contiguous, so the
-    validation text is genuinely unseen, not interleaved lines of the same scenes)."""
-    n = int(train_frac * len(ids))
-    return ids[:n], ids[n:]
-
-
-def make_get_batch(train_data: torch.Tensor, val_data: torch.Tensor, block_size: int, batch_size: int,
-                   device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Return get_batch(split, generator=None) -> (x, y), each (batch_size, block_size) on `device`.
-
-    y is x shifted left by one: at every position the model predicts the next character, so one
-    window of block_size + 1 characters gives block_size training examples at once.
-    """
-    for name, data in (("train", train_data), ("val", val_data)):
-        if len(data) <= block_size + 1:
-            raise CourseError(f"the {name} split has {len(data)} characters, fewer than block_size + 2 "
-                              f"({block_size + 2}); use more text or a smaller --block_size")
-    offsets = torch.arange(block_size + 1)
-
-    def get_batch(split: str, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        data = train_data if split == "train" else val_data
-        ix = torch.randint(len(data) - block_size - 1, (batch_size, 1), generator=generator)
-        window = data[ix + offsets]                     # one gather instead of a Python loop
-        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
-        if device.type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-    return get_batch
-
-
-# ---- schedule and evaluation --------------------------------------------------------------
-def cosine_lr(it: int, warmup_iters: int, lr_decay_iters: int, max_lr: float, min_lr: float) -> float:
-    """Linear warmup to max_lr, then a half-cosine down to min_lr at lr_decay_iters, then min_lr.
-
-    PAPER: warmup (Goyal et al. 2017) keeps the first steps small while Adam's second-moment
-        estimates are still noisy; cosine decay (Loshchilov & Hutter 2017) spends most of the run
-        at a high rate and anneals smoothly at the end, which is where the loss drops the most.
-    """
-    if it < warmup_iters:
-        return max_lr * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-    return min_lr + coeff * (max_lr - min_lr)
-
-
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, get_batch: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
-                  eval_iters: int) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches of each split, in eval mode (no dropout).
-
-    WHY a mean over many batches: one batch's loss is noisy (+-0.05 here); comparing checkpoints
-    on it would pick winners by luck. Returns {"train": ..., "val": ...}.
-    """
-    was_training = model.training
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            x, y = get_batch(split)
-            losses[k] = model(x, y)[1].item()
-        out[split] = losses.mean().item()
-    model.train(was_training)
-    return out
+from phase1_foundation.project1_minimal_gpt.training import (ARCH_FIELDS, checkpoint_state, cosine_lr,
+                                                             estimate_loss, load_state, load_weights)
 
 
 # ---- training -----------------------------------------------------------------------------
-def _checkpoint(model, optimizer, cfg, chars, it, losses, best_val, history, seed) -> dict:
-    return {"iter": it, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-            "train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val,
-            "config": cfg.to_dict(), "chars": chars, "rng_state": capture_rng_state(),
-            "history": history, "seed": seed}
-
-
 def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | Path = DEFAULT_OUT_DIR,
           device: str = "auto", seed: int = 1337, resume: bool = False, progress: bool = True,
-          overrides: dict | None = None) -> dict:
+          overrides: dict | None = None, preset_given: bool = False) -> dict:
     """Train (or resume) and return the summary dict (val_loss, train_loss, wall_s, tokens_per_s, ...).
 
     Exact resume: the training batches and dropout draw from the global RNGs, whose state is saved
     in every checkpoint; evaluation batches come from their own generator re-seeded at every
     evaluation (the same eval batches each time, and no effect on the training stream). So a run
     of 2N steps and a run of N steps + --resume + N steps end with identical weights.
+
+    Stops with one line (non-zero exit through run_cli) when the loss becomes nan/inf, before that
+    state is saved; Ctrl-C or SIGTERM (also during a save, which completes first) ends with the
+    --resume hint.
     """
     t_wall = time.perf_counter()
     out_dir = Path(out_dir)
@@ -186,9 +67,13 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
 
     state = None
     if resume:
-        state = load_checkpoint(out_dir / "last.pt", map_location="cpu",
-                                hint=f"nothing to resume; start a run without --resume: {TRAIN_CMD}")
-        saved = GPTConfig.from_dict(state["config"])
+        if preset_given:
+            raise ConfigError("--preset cannot be combined with --resume (the run continues with its checkpoint's "
+                              "config); drop --preset, or start a new run in another --out_dir")
+        if not (out_dir / "last.pt").is_file():
+            raise CourseError(f"checkpoint not found: {out_dir / 'last.pt'}; nothing to resume; start a run "
+                              f"without --resume: {TRAIN_CMD}")
+        state, saved = load_state(out_dir / "last.pt")
         changed = [f for f in ARCH_FIELDS if f in (overrides or {}) and overrides[f] != getattr(saved, f)]
         if changed:
             raise ConfigError(f"cannot change {', '.join(changed)} when resuming (the checkpoint's network "
@@ -201,6 +86,7 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
         cfg.vocab_size = len(chars)
         cfg.validate_config()
 
+    remove_stale_temps(out_dir)  # a save killed outright in an earlier run; nothing of this run is in flight yet
     set_seed(seed)
     ids = torch.tensor(encode(text, chars), dtype=torch.long)
     train_data, val_data = split_data(ids)
@@ -211,7 +97,7 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
     it, best_val = 0, float("inf")
     history: dict[str, list] = {"iter": [], "train": [], "val": [], "lr": []}
     if state is not None:
-        model.load_state_dict(state["model_state_dict"])
+        load_weights(model, state, out_dir / "last.pt")
         optimizer.load_state_dict(state["optimizer_state_dict"])
         it, best_val, history = state["iter"], state["best_val_loss"], state["history"]
         restore_rng_state(state["rng_state"])
@@ -247,12 +133,14 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
                 history["val"].append(losses["val"])
                 history["lr"].append(cosine_lr(it, cfg.warmup_iters, horizon, cfg.learning_rate, cfg.min_lr))
                 bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                for value in losses.values():  # before saving: a diverged model never overwrites a good one
+                    check_finite_loss(value, it, _last_good(out_dir))
                 if losses["val"] < best_val:
                     best_val = losses["val"]
-                    save_checkpoint(out_dir / "ckpt.pt", _checkpoint(model, optimizer, cfg, chars, it, losses,
+                    save_checkpoint(out_dir / "ckpt.pt", checkpoint_state(model, optimizer, cfg, chars, it, losses,
+                                                                          best_val, history, seed))
+                save_checkpoint(out_dir / "last.pt", checkpoint_state(model, optimizer, cfg, chars, it, losses,
                                                                       best_val, history, seed))
-                save_checkpoint(out_dir / "last.pt", _checkpoint(model, optimizer, cfg, chars, it, losses,
-                                                                  best_val, history, seed))
             if finished:
                 break
 
@@ -276,13 +164,16 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
             it += 1
             steps_done += 1
             if it % cfg.log_interval == 0:  # .item() waits for the device: only this often
-                loss_value = loss.item()
+                loss_value = check_finite_loss(loss.item(), it, _last_good(out_dir))
                 step_time += time.perf_counter() - t0  # this step included, after the device finished it
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{tokens_per_iter * steps_done / max(step_time, 1e-9):,.0f}", refresh=False)
             else:
                 step_time += time.perf_counter() - t0
             bar.update(1)
+    except CourseError:  # e.g. the loss became nan: the bar must not share the error's line
+        bar.close()
+        raise
     except KeyboardInterrupt:
         bar.close()
         saved = out_dir / "last.pt"
@@ -311,29 +202,35 @@ def train(cfg: GPTConfig, *, data_path: str | Path = DATA_PATH, out_dir: str | P
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", default=str(DATA_PATH), help="training text (default: %(default)s)")
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR),
+def _last_good(out_dir: Path) -> str:
+    last = out_dir / "last.pt"
+    return (f"the last good checkpoint is {last} (continue it with --resume and a lower --learning_rate)"
+            if last.is_file() else "nothing was saved")
+
+
+def build_parser() -> ArgumentParser:
+    """The script's own flags; main() adds GPTConfig's (--preset and one flag per field)."""
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--data_path", default=str(DATA_PATH), help="training text, UTF-8 (default: %(default)s)")
+    parser.add_argument("--out_dir", type=out_dir_type, default=DEFAULT_OUT_DIR,
                         help="where checkpoints, metrics.json and loss.png go (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/last.pt (its config; flags given here override "
-                             "training fields such as --max_iters)")
+                        help="continue from OUT_DIR/last.pt with its config; flags given here override training "
+                             "fields such as --max_iters (shape flags and --preset are refused)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
-    GPTConfig.add_args(parser, default_preset="cpu")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    overrides = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
-    cfg = GPTConfig.from_args(args)
+    args, cfg = parse_configs(build_parser(), GPTConfig, argv=argv, default_preset="cpu")
     if not args.resume:
+        warn_if_gpu_preset_without_gpu(args.preset, args.device)
         cfg.print_config(f"GPTConfig (preset {args.preset})")
     return train(cfg, data_path=args.data_path, out_dir=args.out_dir, device=args.device, seed=args.seed,
-                 resume=args.resume, progress=not args.no_progress, overrides=overrides)
+                 resume=args.resume, progress=not args.no_progress, overrides=args.overrides,
+                 preset_given=args.preset_given)
 
 
 if __name__ == "__main__":
