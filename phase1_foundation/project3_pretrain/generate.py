@@ -22,7 +22,7 @@ import torch
 from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
-from phase1_foundation.project1_minimal_gpt.generate import stream_tokens
+from phase1_foundation.project1_minimal_gpt.sampling import stream_tokens
 from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
 
 
