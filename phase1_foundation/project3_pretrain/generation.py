@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from phase1_foundation.project1_minimal_gpt.generate import stream_tokens
+from phase1_foundation.project1_minimal_gpt.sampling import stream_tokens
 
 
 @torch.inference_mode()
