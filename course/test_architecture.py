@@ -10,7 +10,7 @@ THE RULES (GUIDE.md, "How projects depend on each other")
 
 WHICH FILE IS WHAT. The kind is decided by the file name, so that it is visible in a directory listing:
 - test: `test_*.py`, `conftest.py`;
-- script: the names in SCRIPT_PATTERNS (train*.py, generate.py, evaluate.py, benchmark*.py, download_data.py,
+- script: the names in SCRIPT_PATTERNS (train.py, train_*.py, generate.py, evaluate.py, benchmark*.py, download_data.py,
   prepare_data.py, export_hf.py, chat.py, serve.py): the commands of the READMEs;
 - library: everything else. A library may still carry a small `if __name__ == "__main__":` demo (model.py
   prints a preset's parameter count), but the name says it is a library, so everything may import it, and its
@@ -32,7 +32,7 @@ import pytest
 
 from course.paths import REPO_ROOT
 
-SCRIPT_PATTERNS = ("train*.py", "generate.py", "evaluate.py", "benchmark*.py", "download_data.py",
+SCRIPT_PATTERNS = ("train.py", "train_*.py", "generate.py", "evaluate.py", "benchmark*.py", "download_data.py",
                    "prepare_data.py", "export_hf.py", "chat.py", "serve.py")
 TEST_PATTERNS = ("test_*.py", "conftest.py")
 PACKAGE_ROOTS = ("course", "phase*")  # the top-level packages of the repo
@@ -190,6 +190,8 @@ def test_every_project_folder_and_script_is_seen():
     assert {1, 2, 3, 8} <= projects, projects
     assert modules["phase1_foundation.project3_pretrain.train"].kind == "script"
     assert modules["phase1_foundation.project3_pretrain.loading"].kind == "library"
+    assert kind_of("train_tokenizer.py") == kind_of("benchmark_gguf.py") == "script"
+    assert kind_of("training.py") == kind_of("generation.py") == "library"  # names that only start like a script's
     assert modules["course.test_architecture"].kind == "test"
     mod = modules["phase1_foundation.project3_pretrain.loading"]
     read_imports(mod, modules)
