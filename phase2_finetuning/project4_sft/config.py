@@ -1,6 +1,10 @@
-"""Hyperparameters of project 4's evaluation run (`EvalConfig`).
+"""Hyperparameters of project 4: the fine-tuning run (`SFTConfig`) and the evaluation run (`EvalConfig`).
 
-Presets:
+SFTConfig presets:
+    cpu  our project 3 `cpu` model learns to chat: rasbt + Alpaca, a few hundred steps on 2 cores (fp32)
+    gpu  our project 3 `gpu` model: rasbt + Alpaca + oasst1 + GSM8K, bf16 autocast
+    (SmolLM2's identity run is the `cpu` preset with --base pointing at its GGUF: see README.md)
+EvalConfig presets:
     cpu  a quick look on 2 cores: 100 questions of each multiple-choice task, 20 GSM8K / HumanEval problems
     gpu  the full test sets (ARC-Easy 2,376, ARC-Challenge 1,172, MMLU 14,042, GSM8K 1,319, HumanEval 164), bf16
 """
@@ -12,7 +16,81 @@ from typing import ClassVar
 
 from course.config import BaseConfig
 
-TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
+TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "identity")
+DATASETS = ("alpaca", "rasbt", "oasst1", "gsm8k", "identity")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    """One fine-tuning run: the base model, the chat data, the optimiser and the checks before/after."""
+
+    base: str = "checkpoints/project3/cpu/ckpt.pt"  # our checkpoint .pt, an HF folder, or SmolLM2's .gguf
+    tokenizer: str = ""            # "" = the one that comes with the base model
+    data: str = "rasbt,alpaca"     # comma-separated: alpaca, rasbt, oasst1, gsm8k, identity (NAME:PATH: a file)
+    max_chats: int = 0             # per general dataset, after the held-out split (0 = all)
+    identity_chats: int = 300      # generated identity conversations (when "identity" is in data)
+    heldout: int = 50              # chats held out of each dataset (fixed by seed; never trained on)
+    block_size: int = 0            # training row length in tokens (0 = the model's context)
+    packing: bool = False          # several chats per row, block-diagonal mask (packing.py)
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_iters: int = 300
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_iters: int = 20
+    weight_decay: float = 0.0      # short fine-tunes: no decay pulling pretrained weights to 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100       # held-out assistant-token loss every this many steps
+    log_interval: int = 10
+    gen_samples: int = 50          # held-out prompts answered before/after for the end-of-turn share
+    gen_budget: int = 96           # new tokens an answer may use to end its turn
+    out_dir: str = "checkpoints/project4/cpu"
+    device: str = "auto"
+    dtype: str = "float32"         # autocast dtype on CUDA (bfloat16 / float16); float32 everywhere else
+    threads: int = 0               # torch.set_num_threads (0 = torch's default)
+
+    PRESETS: ClassVar[dict] = {
+        "cpu": dict(),
+        "gpu": dict(base="checkpoints/project3/gpu/ckpt.pt", data="rasbt,alpaca,oasst1,gsm8k", batch_size=32,
+                    max_iters=2000, lr=3e-4, min_lr=3e-5, warmup_iters=100, eval_interval=250, gen_samples=200,
+                    gen_budget=256, out_dir="checkpoints/project4/gpu", dtype="bfloat16"),
+    }
+
+    @property
+    def datasets(self) -> list[str]:
+        """The dataset names of `data`; an item may be NAME:PATH to read NAME's format from another file."""
+        return [d.strip().partition(":")[0] for d in self.data.split(",") if d.strip()]
+
+    @property
+    def dataset_paths(self) -> list[tuple[str, str | None]]:
+        items = [d.strip().partition(":") for d in self.data.split(",") if d.strip()]
+        return [(name, path or None) for name, _, path in items]
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        unknown = [d for d in self.datasets if d not in DATASETS]
+        if unknown or not self.datasets:
+            errors.append(f"data ({self.data!r}) must be a comma-separated list of: {', '.join(DATASETS)}")
+        for name in ("max_chats", "identity_chats", "heldout", "block_size", "warmup_iters", "gen_samples",
+                     "threads"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} ({getattr(self, name)}) must be >= 0")
+        self.check_positive(errors, "batch_size", "grad_accum", "max_iters", "lr", "eval_interval",
+                            "log_interval", "gen_budget")
+        self.check_range(errors, "min_lr", 0.0, float("inf"))
+        self.check_range(errors, "weight_decay", 0.0, float("inf"))
+        self.check_range(errors, "beta1", 0.0, 1.0, hi_open=True)
+        self.check_range(errors, "beta2", 0.0, 1.0, hi_open=True)
+        self.check_range(errors, "grad_clip", 0.0, float("inf"))
+        self.check_choice(errors, "dtype", DTYPES)
+        if isinstance(self.min_lr, float) and isinstance(self.lr, float) and self.min_lr > self.lr:
+            errors.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if "identity" in self.datasets and self.identity_chats == 0:
+            errors.append("identity_chats (0) must be > 0 when data includes identity")
+        return errors
 
 
 @dataclass
@@ -50,5 +128,5 @@ class EvalConfig(BaseConfig):
                 errors.append(f"{name} ({getattr(self, name)}) must be >= 0 (0 = all)")
         self.check_range(errors, "shots", 0, 5)
         self.check_positive(errors, "max_new_tokens", "timeout")
-        self.check_choice(errors, "dtype", ("float32", "bfloat16", "float16"))
+        self.check_choice(errors, "dtype", DTYPES)
         return errors

@@ -49,10 +49,19 @@ def render(template: str, messages: list[dict], *, bos_token: str = "", eos_toke
 
 # ---- the tokenizer side: plain text and special tokens ----------------------------------------------
 def plain_encoder(tok):
-    """text -> ids with no special tokens at all (project 2's `encode_ordinary`, or that of a wrapped one)."""
-    for t in (tok, getattr(tok, "tok", None)):
-        if t is not None and hasattr(t, "encode_ordinary"):
-            return t.encode_ordinary
+    """text -> ids with no special tokens at all (project 2's `encode_ordinary`, or that of a wrapped one).
+
+    A wrapper that is narrower than what it wraps (the GGUF adapter gives the few bytes SmolLM2's vocabulary
+    lacks placeholder ids past its `vocab_size`) drops those ids, as its own `encode` does.
+    """
+    if hasattr(tok, "encode_ordinary"):
+        return tok.encode_ordinary
+    inner = getattr(tok, "tok", None)
+    if inner is not None and hasattr(inner, "encode_ordinary"):
+        n_outer, n_inner = getattr(tok, "vocab_size", None), getattr(inner, "vocab_size", None)
+        if isinstance(n_outer, int) and isinstance(n_inner, int) and n_outer < n_inner:
+            return lambda text: [i for i in inner.encode_ordinary(text) if i < n_outer]
+        return inner.encode_ordinary
     raise CourseError(f"{type(tok).__name__} has no encode_ordinary(text); pass a project 2 tokenizer "
                       "(or an adapter around one)")
 
@@ -139,20 +148,47 @@ def encode_chat(tok, template: str, chat: Chat, *, end_token: str, bos_token: st
         if s >= e:
             continue
         text = full[s:e]
-        if is_content:
-            piece = plain(text)
-        else:  # framing: special-token strings become their single ids, the rest is plain text
-            piece, at = [], 0
-            for m in special_re.finditer(text):
-                piece += plain(text[at:m.start()]) + [specials[m.group()]]
-                at = m.end()
-            piece += plain(text[at:])
+        piece = plain(text) if is_content else _encode_framing(text, plain, specials, special_re)
         ids += piece
         trained += [train] * len(piece)
     truncated = max_tokens is not None and len(ids) > max_tokens
     if truncated:
         ids, trained = ids[:max_tokens], trained[:max_tokens]
     return EncodedChat(ids, trained, truncated)
+
+
+def _encode_framing(text: str, plain, specials: dict[str, int], special_re) -> list[int]:
+    """Framing text: special-token strings become their single ids, the rest is plain text."""
+    piece, at = [], 0
+    for m in special_re.finditer(text):
+        piece += plain(text[at:m.start()]) + [specials[m.group()]]
+        at = m.end()
+    return piece + plain(text[at:])
+
+
+def encode_prompt(tok, template: str, chat: Chat, *, bos_token: str = "", eos_token: str = "") -> list[int]:
+    """The ids a model continues to answer `chat`: the chat rendered with the generation prompt
+    ("<|im_start|>assistant\\n"), split exactly as encode_chat splits a training chat (content as plain
+    text, framing with its special tokens), so the model meets at inference what it was trained on."""
+    if not chat or chat[-1].get("role") != "user":
+        raise CourseError("a prompt must end with a user message (the model answers it)")
+    for k, m in enumerate(chat):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise CourseError(f"prompt message {k} must be {{'role': system|user|assistant, 'content': str}}")
+    full, spans = message_spans(template, chat, bos_token=bos_token, eos_token=eos_token)
+    with_prompt = render(template, chat, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True)
+    if not with_prompt.startswith(full):
+        raise CourseError("the chat template's generation prompt does not extend the rendered chat; "
+                          "masking and generation need a prefix-stable template")
+    specials = special_ids(tok)
+    plain = plain_encoder(tok)
+    special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    ids, pos = [], 0
+    for s, e in spans:
+        ids += _encode_framing(with_prompt[pos:s], plain, specials, special_re) + plain(with_prompt[s:e])
+        pos = e
+    return ids + _encode_framing(with_prompt[pos:], plain, specials, special_re)
 
 
 @dataclass

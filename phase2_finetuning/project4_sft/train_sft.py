@@ -1,0 +1,242 @@
+"""Supervised fine-tuning: a pretrained model learns to answer in turns, trained on the assistant's tokens only.
+
+    uv run python phase2_finetuning/project4_sft/train_sft.py                      # cpu preset: our project 3 model
+    uv run python phase2_finetuning/project4_sft/train_sft.py --resume             # exact resume from OUT_DIR
+    uv run python phase2_finetuning/project4_sft/train_sft.py --base data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --data identity,alpaca --max_chats 600 --lr 3e-5 --min_lr 3e-6 --batch_size 8 --block_size 256 \\
+        --max_iters 150 --out_dir checkpoints/project4/smollm2-identity
+
+PAPERS
+    Ouyang et al., 2022 (InstructGPT): SFT on demonstrations.  Zhou et al., 2023 (LIMA): responses-only loss,
+    an end-of-turn token on every turn.  Wei et al., 2021 (FLAN): many tasks phrased as instructions.
+    Loshchilov & Hutter, 2019 (AdamW), 2017 (cosine schedule); Pascanu et al., 2013 (gradient clipping).
+
+The training machinery is project 3's (AdamW from `configure_optimizer`, project 1's `cosine_lr`, clipping,
+atomic checkpoints through `course.checkpoint`); what is new is the data: chats rendered with the model's
+template, the loss on assistant tokens only (masking.py), optionally packed (packing.py).
+
+Before and after training the run measures, on held-out chats it never trains on:
+    held-out loss      mean cross-entropy over the assistant tokens of the held-out chats
+    end-of-turn share  the share of held-out prompts whose greedy answer writes the end token within
+                       --gen_budget new tokens (a base model has never seen that token: about 0%)
+    identity share     with --data including identity: the share of held-out identity questions (phrased
+                       with other words than any training chat) whose answer names the identity
+OUT_DIR gets ckpt.pt (a project 3 checkpoint: every loader of the course reads it), tokenizer.pkl,
+tokenizer_config.json (the chat template, in Hugging Face's layout), log.jsonl, loss.png, results.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from course.checkpoint import (atomic_write_json, capture_rng_state, load_checkpoint, remove_stale_temps,
+                               restore_rng_state, save_checkpoint)
+from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
+from course.config import parse_configs
+from course.device import get_device, set_seed
+from course.errors import ConfigError, check_finite_loss, run_cli
+from course.paths import repo_path
+from course.plots import plot_curves
+from phase1_foundation.project1_minimal_gpt.training import cosine_lr
+from phase2_finetuning.project4_sft.config import SFTConfig
+from phase2_finetuning.project4_sft.harness.identity import identity_share
+from phase2_finetuning.project4_sft.sft import (RowSampler, batch_loss, checkpoint_meta, encode_for,
+                                                end_of_turn_share, heldout_loss, load_chat_model, load_sft_data,
+                                                make_batch, pad_id, prepare_base, save_chat_format_for)
+
+TRAIN_CMD = "uv run python phase2_finetuning/project4_sft/train_sft.py"
+
+
+def measure(cm, cfg: SFTConfig, data, held_rows, pad: int, device) -> dict:
+    """The before/after numbers (see the module docstring)."""
+    out = {"heldout_loss": heldout_loss(cm.model, held_rows, pad, cfg.batch_size, device)}
+    if cfg.gen_samples:
+        share, texts = end_of_turn_share(cm, data.heldout_chats, cfg.gen_budget, cfg.gen_samples)
+        out.update(end_of_turn=share, example=texts[0][:200] if texts else "")
+    if data.identity_questions:
+        out["identity"] = identity_share(cm.model, cm.tok, cm.fmt, data.identity_questions, cfg.gen_budget).accuracy
+    return out
+
+
+def describe(m: dict) -> str:
+    parts = [f"held-out loss {m['heldout_loss']:.4f}"]
+    if "end_of_turn" in m:
+        parts.append(f"end-of-turn {100 * m['end_of_turn']:.1f}%")
+    if "identity" in m:
+        parts.append(f"identity {100 * m['identity']:.1f}%")
+    return ", ".join(parts)
+
+
+def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: dict | None = None,
+          progress: bool = True) -> dict:
+    out_dir = repo_path(cfg.out_dir)
+    state = None
+    if resume:
+        state = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu",
+                                hint=f"nothing to resume in {out_dir}; start without --resume: {TRAIN_CMD}")
+        if "sft_config" not in state:
+            raise ConfigError(f"{out_dir}/ckpt.pt was not written by train_sft.py; nothing to resume")
+        cfg = SFTConfig.from_dict({**state["sft_config"], **(overrides or {})}).validate_config()
+        seed = state["seed"]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = get_device(cfg.device)
+    set_seed(seed)
+    remove_stale_temps(out_dir)
+    cm = load_chat_model(str(out_dir), dev) if resume else prepare_base(cfg.base, cfg.tokenizer, dev)
+    model = cm.model
+    print(f"base {cfg.base}: {model.num_params():,} parameters; {cm.note}")
+    block = cfg.block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise ConfigError(f"block_size ({block}) must be <= the model's context ({model.config.block_size})")
+
+    data = load_sft_data(cfg, seed)
+    for line in data.lines:
+        print(line)
+    rows, stats = encode_for(cm, data.train, block)
+    held_rows, held_stats = encode_for(cm, data.heldout_chats, block)
+    print(f"training rows: {stats.summary()}; held-out rows: {held_stats.summary()}")
+    pad = pad_id(cm)
+    sampler = RowSampler(len(rows), seed)
+
+    use_autocast = dev.type == "cuda" and cfg.dtype != "float32"
+    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_autocast else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_autocast and cfg.dtype == "float16")
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev.type)
+    it, before = 0, None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        scaler.load_state_dict(state["scaler_state_dict"])
+        sampler.load_state_dict(state["sampler"])
+        restore_rng_state(state["rng_state"])
+        it, before = state["iter"], state["before"]
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_chat_format_for(out_dir, cm)
+        with autocast:
+            before = measure(cm, cfg, data, held_rows, pad, dev)
+        print(f"before: {describe(before)}")
+        if before.get("example"):
+            print(f"  e.g. {before['example']!r}")
+
+    log_path = out_dir / "log.jsonl"
+    if not resume and log_path.exists():
+        log_path.unlink()
+    log = open(log_path, "a")
+
+    def record(rec: dict) -> None:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    def save(losses: dict, snapshot: tuple | None = None) -> None:
+        """A checkpoint at a step boundary; `snapshot` = (sampler, RNG) states taken when the step began."""
+        sampler_state, rng_state = snapshot or (sampler.state_dict(), capture_rng_state())
+        save_checkpoint(out_dir / "ckpt.pt", {
+            "iter": it, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "scaler_state_dict": scaler.state_dict(), "train_loss": losses.get("train"),
+            "val_loss": losses.get("heldout"), "arch": "llama", "model_config": model.config.to_dict(),
+            "data_meta": checkpoint_meta(out_dir), "sft_config": cfg.to_dict(), "seed": seed,
+            "rng_state": rng_state, "sampler": sampler_state, "before": before, "base": cfg.base})
+
+    bar = tqdm(total=cfg.max_iters, initial=it, desc="sft", unit="it", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0)
+    model.train()
+    last_train, t0, tokens, snapshot = float("nan"), time.perf_counter(), 0, None
+    try:
+        while it < cfg.max_iters:
+            # Ctrl-C inside a step saves the state from before it: the resumed run redoes the whole step
+            snapshot = (sampler.state_dict(), capture_rng_state())
+            lr = cosine_lr(it, cfg.warmup_iters, cfg.max_iters, cfg.lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            acc = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = make_batch([rows[i] for i in sampler.take(cfg.batch_size)], pad, block, cfg.packing, dev)
+                with autocast:
+                    loss = batch_loss(model, batch)
+                scaler.scale(loss / cfg.grad_accum).backward()
+                acc += loss.detach().float().item() / cfg.grad_accum
+                tokens += int((batch[1] != -1).sum())
+            check_finite_loss(acc, it, hint=f"lower --lr (now {cfg.lr:g})")
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            last_train = acc
+            if it % cfg.log_interval == 0:
+                record({"kind": "train", "iter": it, "loss": acc, "lr": lr,
+                        "trained_tokens_per_s": tokens / (time.perf_counter() - t0)})
+                bar.set_postfix(loss=f"{acc:.3f}", lr=f"{lr:.1e}", refresh=False)
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                with autocast:
+                    hl = heldout_loss(model, held_rows, pad, cfg.batch_size, dev)
+                record({"kind": "eval", "iter": it, "heldout_loss": hl})
+                bar.write(f"iter {it}: train loss {acc:.4f}, held-out loss {hl:.4f}")
+                save({"train": acc, "heldout": hl})
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        save({"train": last_train}, snapshot)
+        print(f"\nsaved iter {it} to {out_dir / 'ckpt.pt'}; continue with: {TRAIN_CMD} --resume "
+              f"--out_dir {cfg.out_dir}")
+        raise
+    bar.close()
+    log.close()
+    if state is not None and it == state["iter"]:
+        save({"train": state.get("train_loss"), "heldout": state.get("val_loss")})
+
+    with autocast:
+        after = measure(cm, cfg, data, held_rows, pad, dev)
+    plot_losses(out_dir)
+    summary = {"base": cfg.base, "iters": it, "train_rows": stats.rows, "truncated": stats.truncated,
+               "before": before, "after": after}
+    atomic_write_json(out_dir / "results.json", summary)
+    print(f"after: {describe(after)}")
+    if after.get("example"):
+        print(f"  e.g. {after['example']!r}")
+    print(f"saved: {out_dir / 'ckpt.pt'}, tokenizer_config.json, loss.png, results.json")
+    print(f"done: iters={it} heldout_loss {before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f}"
+          + (f" end_of_turn {100 * before['end_of_turn']:.1f}% -> {100 * after['end_of_turn']:.1f}%"
+             if "end_of_turn" in after else "")
+          + (f" identity {100 * before['identity']:.1f}% -> {100 * after['identity']:.1f}%"
+             if "identity" in after else ""))
+    return summary
+
+
+def plot_losses(out_dir) -> None:
+    recs = [json.loads(line) for line in open(out_dir / "log.jsonl") if line.strip()]
+    train = [(r["iter"], r["loss"]) for r in recs if r["kind"] == "train" and math.isfinite(r["loss"])]
+    held = [(r["iter"], r["heldout_loss"]) for r in recs if r["kind"] == "eval"]
+    curves = {name: ([x for x, _ in pts], [y for _, y in pts]) for name, pts in
+              (("train (assistant tokens)", train), ("held-out (assistant tokens)", held)) if pts}
+    if curves:
+        plot_curves(out_dir / "loss.png", curves, title="SFT loss", xlabel="step")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/ckpt.pt (its config; flags given here override)")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
+    args, cfg = parse_configs(parser, SFTConfig, argv=argv, default_preset="cpu")
+    if args.resume and args.preset_given:
+        raise ConfigError("--resume continues the saved run's config; drop --preset (override single fields)")
+    warn_if_gpu_preset_without_gpu(args.preset, cfg.device)
+    if not args.resume:
+        cfg.print_config(f"SFTConfig (preset {args.preset})")
+    return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    run_cli(main)
