@@ -29,7 +29,7 @@ from course.paths import repo_path
 from phase1_foundation.project2_tokenizer.bpe import encode_chunk, train_bpe
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, read_gutenberg, read_wikitext2
 from phase1_foundation.project2_tokenizer.fast_bpe import bpe_encode_chunk, count_chunks, train_merges
-from phase1_foundation.project2_tokenizer.formats import load_gpt2
+from phase1_foundation.project2_tokenizer.formats import from_ranks, load_gpt2
 from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, RegexTokenizer
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"encode {name}: {corpus_mb / t:.2f} MB/s ({sum(map(len, ids)):,} tokens)")
         return ids
 
-    fresh = RegexTokenizer.from_ranks(ours.to_ranks(), ours.pattern, ours.special_tokens)  # cold cache
+    fresh = from_ranks(ours.to_ranks(), ours.pattern, ours.special_tokens)  # cold cache
     ids_ours = enc_speed("ours_10k", fresh.encode_ordinary)
     gpt2 = None
     if (GPT2_DIR / "encoder.json").is_file():

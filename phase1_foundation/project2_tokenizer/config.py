@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from course.config import BaseConfig
-from phase1_foundation.project2_tokenizer.tokenizer import SPLIT_PATTERNS, TRAINERS
+from phase1_foundation.project2_tokenizer.patterns import SPLIT_PATTERNS
+from phase1_foundation.project2_tokenizer.tokenizer import TRAINERS
 
 
 @dataclass

@@ -1,26 +1,21 @@
-"""Tokenizer files: every format a checkpoint's tokenizer comes in, read into one small interface.
+"""Tokenizer files of the course and of OpenAI, each reader next to its writer; the inference interface.
 
-- ours: the `.pkl` that `BasicTokenizer.save` writes (`load_tokenizer`), read without running code.
-- tiktoken: a `.tiktoken` rank file, `base64(token) rank` per line (`load_ranks`).
-- GPT-2: OpenAI's `encoder.json` + `vocab.bpe` (`load_gpt2`, `gpt2_bytes_to_unicode`).
-- Hugging Face `tokenizer.json`, byte-level BPE (GPT-2, SmolLM, Qwen, LLaMA 3 style): turned into
-  tiktoken-style ranks by `byte_level_bpe` (shared with the GGUF reader) and loaded into `RegexTokenizer`.
-- GGUF (llama.cpp's model files): the tokenizer in the metadata (`load_gguf_tokenizer`), byte-level BPE
-  through `byte_level_bpe` again, or SentencePiece.
-- SentencePiece-style BPE (`SentencePieceBPE`): llama2.c's tokenizer `.bin` (pieces with scores; merges
-  chosen by score) and Hugging Face `tokenizer.json` files converted from SentencePiece (LLaMA 2,
-  TinyLlama: "▁" for spaces, `<0xNN>` byte-fallback tokens; merges chosen by rank).
+- ours: the `.pkl` of a trained tokenizer (`save_tokenizer` / `load_tokenizer`, read without running code)
+  and its readable vocabulary (`export_readable`: `id  "token"  = "left" + "right"`).
+- tiktoken: mergeable ranks {token bytes: rank}, in memory (`from_ranks`, the inverse of `tok.to_ranks()`)
+  and as a `.tiktoken` file, `base64(token) rank` per line (`save_ranks` / `load_ranks`).
+- GPT-2: OpenAI's `encoder.json` + `vocab.bpe` (`load_gpt2`, `gpt2_bytes_to_unicode`), and `byte_level_bpe`,
+  the builder every byte-level file of another ecosystem goes through (foreign_formats.py: HF, GGUF).
+- `CourseTokenizer`: gives a project 2 tokenizer the interface an inference engine needs (below).
 
 PAPERS
 - Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2): byte-level BPE
   and the reversible byte -> printable character map its files are written in.
-- Sennrich, Haddow, Birch 2016, "Neural Machine Translation of Rare Words with Subword Units": BPE.
-- Kudo & Richardson 2018, "SentencePiece: A simple and language independent subword tokenizer": spaces
-  as a visible symbol ("▁"), a dummy prefix space, and (LLaMA) byte fallback for unknown characters.
+- OpenAI tiktoken (2022-23): mergeable ranks (token bytes -> rank = id) as the exchange format.
 
 An inference engine needs only: `encode(text, bos=...)`, `decode_bytes(ids)`, `piece_bytes(prev_id, id)`
 (for streaming), `bos_id`, `eos_id`, `vocab_size`, and, for chat, `chat_template` + special token strings.
-`SentencePieceBPE` has them; `CourseTokenizer` gives a project 2 tokenizer the same interface.
+`CourseTokenizer` gives ours that interface; sentencepiece_bpe.SentencePieceBPE has it natively.
 """
 
 from __future__ import annotations
@@ -29,26 +24,37 @@ import base64
 import json
 import os
 import pickle
-import re
-import struct
 from pathlib import Path
 
 import regex
 
-from phase1_foundation.project2_tokenizer.tokenizer import (
-    _FORMAT, _FORMAT_VERSION, ENDOFTEXT, BasicTokenizer, RegexTokenizer, TokenizerError)
-
-# Hugging Face's ByteLevel pre-tokenizer regex (GPT-2's original, without tiktoken's possessive forms).
-HF_BYTELEVEL_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM / StarCoder (HF: Digits(individual_digits) then ByteLevel; llama.cpp pre-tokenizer "smollm"): every
-# digit is a piece of its own, then GPT-2's split runs on the rest. As one regex: a digit ends a piece the way
-# the end of the text does, so `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`, and ` ?\p{N}+` becomes `\p{N}`.
-SMOLLM_PATTERN = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+from phase1_foundation.project2_tokenizer.bpe import recover_merges
+from phase1_foundation.project2_tokenizer.patterns import pattern_name
+from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, BasicTokenizer, RegexTokenizer, TokenizerError
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Our own .pkl (BasicTokenizer.save), read without running code
+# 1. Our own .pkl and the readable export
 # --------------------------------------------------------------------------------------------------
+
+_FORMAT = "course-bpe-tokenizer"
+_FORMAT_VERSION = 1
+
+
+def tokenizer_state(tok: BasicTokenizer) -> dict:
+    """What the .pkl holds: plain dicts only (so loading it needs no class and runs no code)."""
+    return {"format": _FORMAT, "version": _FORMAT_VERSION, "type": type(tok).__name__,
+            "pattern": tok.pattern, "pattern_name": pattern_name(tok.pattern),
+            "vocab": dict(tok.vocab), "inverse_vocab": dict(tok.inverse_vocab),
+            "merges": dict(tok.merges), "special_tokens": dict(tok.special_tokens)}
+
+
+def save_tokenizer(tok: BasicTokenizer, path: str | os.PathLike) -> Path:
+    """Write `tok` as a .pkl (atomically: never a half-written file); `load_tokenizer` reads it back."""
+    from course.checkpoint import atomic_write  # lazy: keeps `import formats` free of torch
+    state = tokenizer_state(tok)
+    return atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
+
 
 class _SafeUnpickler(pickle.Unpickler):
     """Our .pkl holds only dicts, tuples, bytes, str and ints; refuse anything else (no code runs)."""
@@ -61,7 +67,7 @@ _KINDS = {"BasicTokenizer": BasicTokenizer, "RegexTokenizer": RegexTokenizer}
 
 
 def load_tokenizer(path: str | os.PathLike) -> BasicTokenizer:
-    """Load any tokenizer saved with save(); a folder means folder/tokenizer.pkl."""
+    """Load any tokenizer written by save_tokenizer; a folder means folder/tokenizer.pkl."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.pkl"
@@ -95,9 +101,67 @@ def load_tokenizer(path: str | os.PathLike) -> BasicTokenizer:
     return tok
 
 
+def export_readable(tok: BasicTokenizer, path: str | os.PathLike) -> Path:
+    """A human-readable vocabulary: one line per token, with the merge that made it."""
+    from course.checkpoint import atomic_write_text
+
+    def show(b: bytes) -> str:
+        return json.dumps(b.decode("utf-8", errors="backslashreplace"), ensure_ascii=False)
+    parents = {new: pair for pair, new in tok.merges.items()}
+    lines = [f"# {type(tok).__name__}  vocab_size={tok.vocab_size}  pattern={pattern_name(tok.pattern)}",
+             "# id  token  [= left + right]   (tokens as JSON strings; bytes that are not UTF-8 as \\xNN)"]
+    for i in sorted(tok.vocab):
+        line = f"{i}\t{show(tok.vocab[i])}"
+        if i in parents:
+            a, b = parents[i]
+            line += f"\t= {show(tok.vocab[a])} + {show(tok.vocab[b])}"
+        lines.append(line)
+    for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]):
+        lines.append(f"{i}\t{json.dumps(s)}\t(special)")
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------
-# 2. tiktoken's rank file
+# 2. tiktoken's ranks: in memory and as a .tiktoken file
 # --------------------------------------------------------------------------------------------------
+
+def from_ranks(mergeable_ranks: dict[bytes, int], pattern: str = "gpt2",
+               special_tokens: dict[str, int] | None = None) -> RegexTokenizer:
+    """A RegexTokenizer from tiktoken-style ranks {token bytes: rank}; id = rank (inverse of tok.to_ranks()).
+
+    Accepts any byte-level table (GPT-2's, a converted Hugging Face tokenizer.json, a prefix of
+    our own): every one of the 256 single bytes must have a rank, and ranks must be unique.
+    `merges` is recovered for display by replaying BPE on each token with only the lower ranks
+    (the split that training must have used); a token not reachable as exactly two parts (possible
+    in hand-edited tables) simply has no merge entry - encoding uses ranks and does not need it.
+    """
+    if not isinstance(mergeable_ranks, dict) or not mergeable_ranks:
+        raise TokenizerError("mergeable_ranks must be a non-empty {bytes: int} dict")
+    for t, r in mergeable_ranks.items():
+        if not isinstance(t, bytes) or not t or not isinstance(r, int) or r < 0:
+            raise TokenizerError(f"bad mergeable_ranks entry {t!r}: {r!r} (expected non-empty bytes -> int >= 0)")
+    missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
+    if missing:
+        raise TokenizerError(f"mergeable_ranks lacks {len(missing)} of the 256 single bytes (e.g. {bytes([missing[0]])!r}); "
+                             "a byte-level BPE needs all of them")
+    if len(set(mergeable_ranks.values())) != len(mergeable_ranks):
+        raise TokenizerError("mergeable_ranks has duplicate ranks; each token needs its own rank")
+    tok = RegexTokenizer(pattern=pattern)
+    tok.vocab = {r: t for t, r in mergeable_ranks.items()}
+    tok.merges = recover_merges(mergeable_ranks)
+    tok.special_tokens = {}
+    tok._rebuild()
+    if special_tokens:
+        tok.register_special_tokens(dict(special_tokens))
+    return tok
+
+
+def save_ranks(tok: BasicTokenizer, path: str | os.PathLike) -> Path:
+    """Write the ranks in tiktoken's .tiktoken format: `base64(token) rank` per line."""
+    from course.checkpoint import atomic_write_text
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(tok.inverse_vocab.items(), key=lambda kv: kv[1])]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
 
 def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     """Read a tiktoken .tiktoken file (`base64(token) rank` per line) into {bytes: rank}."""
@@ -210,11 +274,11 @@ def byte_level_bpe(tokens: list[str] | dict[str, int], merges: list[tuple[str, s
             raise TokenizerError(f"{source}: merges are not in id order ({a!r} + {b!r}); cannot express them "
                                  "as ranks")
         last = i
-    return RegexTokenizer.from_ranks(ranks, pattern, special)
+    return from_ranks(ranks, pattern, special)
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. SentencePiece-style BPE (llama2.c .bin, and HF tokenizer.json converted from SentencePiece)
+# 4. The inference interface (what an engine calls; SentencePieceBPE has the same)
 # --------------------------------------------------------------------------------------------------
 
 class _TokenStrings:
@@ -231,130 +295,6 @@ class _TokenStrings:
     def eos_token(self) -> str:
         return self._string_of(self.eos_id)
 
-
-class SentencePieceBPE(_TokenStrings):
-    """BPE over UTF-8 characters with byte fallback, as llama2.c's run.c `encode` does it.
-
-    INTUITION: start from one token per character (unknown characters become their UTF-8 bytes, tokens
-    `<0xNN>`), then repeatedly merge the adjacent pair with the best priority until no pair merges.
-    IMPLEMENTATION: llama2.c's `.bin` gives each piece a score, and the best pair is the one whose merged
-    piece has the highest score; HF `tokenizer.json` gives an ordered merge list, and the best pair is the
-    one with the lowest rank. A space in the text is a normal character here (the "▁" of SentencePiece is
-    mapped to " " on load), and a dummy space is put before the text, as SentencePiece does.
-    """
-
-    def __init__(self, pieces: list[bytes], scores: list[float] | None = None,
-                 merge_ranks: dict[tuple[bytes, bytes], int] | None = None, bos_id: int | None = 1,
-                 eos_id: int | None = 2, special_tokens: dict[str, int] | None = None,
-                 chat_template: str | None = None, add_bos: bool = True, name: str = "sentencepiece"):
-        self.pieces = pieces
-        self.scores = scores
-        self.merge_ranks = merge_ranks
-        self.lookup = {p: i for i, p in enumerate(pieces)}
-        self.byte_ids = [self.lookup.get(f"<0x{b:02X}>".encode()) for b in range(256)]
-        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
-        self.special_tokens = dict(special_tokens or {})
-        self.chat_template = chat_template
-        self.name = name
-        self._special_ids = set(self.special_tokens.values()) | {i for i in (bos_id, eos_id) if i is not None}
-        self._special_re = (re.compile("(" + "|".join(re.escape(s) for s in sorted(self.special_tokens, key=len,
-                                                                                    reverse=True)) + ")")
-                            if self.special_tokens else None)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.pieces)
-
-    def _priority(self, a: bytes, b: bytes) -> float | None:
-        if self.merge_ranks is not None:
-            r = self.merge_ranks.get((a, b))
-            return None if r is None else -r
-        i = self.lookup.get(a + b)
-        return None if i is None else self.scores[i]
-
-    def _encode_chunk(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for ch in " " + text:  # the SentencePiece dummy prefix
-            i = self.lookup.get(ch.encode())
-            if i is not None:
-                ids.append(i)
-            else:  # byte fallback: one token per UTF-8 byte
-                for b in ch.encode():
-                    if self.byte_ids[b] is None:
-                        raise TokenizerError(f"character {ch!r} is not in the vocabulary and it has no byte fallback")
-                    ids.append(self.byte_ids[b])
-        while len(ids) > 1:
-            best, best_i = None, -1
-            for i in range(len(ids) - 1):
-                p = self._priority(self.pieces[ids[i]], self.pieces[ids[i + 1]])
-                if p is not None and (best is None or p > best):
-                    best, best_i = p, i
-            if best is None:
-                break
-            ids[best_i:best_i + 2] = [self.lookup[self.pieces[ids[best_i]] + self.pieces[ids[best_i + 1]]]]
-        return ids
-
-    def encode(self, text: str, bos: bool | None = None, allowed_special: str = "all") -> list[int]:
-        """Token ids of text; special-token strings (e.g. "<s>") become their ids when allowed."""
-        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
-        parts = self._special_re.split(text) if (self._special_re and allowed_special == "all") else [text]
-        for part in parts:
-            if part in self.special_tokens:
-                ids.append(self.special_tokens[part])
-            elif part:
-                ids.extend(self._encode_chunk(part))
-        return ids
-
-    def piece_bytes(self, prev_id: int | None, token_id: int) -> bytes:
-        """The bytes one token adds to the text, given the token before it (run.c's `decode`)."""
-        if token_id in self._special_ids:
-            return b""
-        piece = self.pieces[token_id]
-        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
-            return bytes([int(piece[3:5], 16)])
-        if (prev_id is None or prev_id == self.bos_id) and piece.startswith(b" "):
-            piece = piece[1:]  # the dummy prefix space is not part of the text
-        return piece
-
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        out, prev = [], None
-        for i in ids:
-            out.append(self.piece_bytes(prev, i))
-            prev = i
-        return b"".join(out)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-
-def load_llama2c_tokenizer(path: str | Path, vocab_size: int | None = None) -> SentencePieceBPE:
-    """Read llama2.c's tokenizer .bin: int32 max_token_length, then per token float32 score, int32 len, bytes."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokenizerError(f"tokenizer file not found: {path}")
-    data = path.read_bytes()
-    pieces, scores, off = [], [], 4
-    try:
-        (max_len,) = struct.unpack_from("<i", data, 0)
-        while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
-            score, n = struct.unpack_from("<fi", data, off)
-            off += 8
-            if n < 0 or n > max_len or off + n > len(data):
-                raise ValueError
-            pieces.append(data[off:off + n])
-            scores.append(score)
-            off += n
-    except (struct.error, ValueError):
-        raise TokenizerError(f"{path} is not a llama2.c tokenizer .bin (bad record at byte {off})") from None
-    if vocab_size is not None and len(pieces) != vocab_size:
-        raise TokenizerError(f"{path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}; "
-                             "pass the tokenizer that belongs to this model with --tokenizer")
-    return SentencePieceBPE(pieces, scores=scores, bos_id=1, eos_id=2, name=f"llama2.c {path.name}")
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Hugging Face tokenizer.json
-# --------------------------------------------------------------------------------------------------
 
 class CourseTokenizer(_TokenStrings):
     """Adapter giving project 2's RegexTokenizer the engine's interface (bos/eos, piece_bytes)."""
@@ -386,177 +326,3 @@ class CourseTokenizer(_TokenStrings):
 
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-
-def _hf_pattern(pre: dict | None, path: Path) -> str:
-    """The pre-tokenizer regex of a byte-level tokenizer.json, or a clear error if it is not one we support."""
-    if pre is None:
-        raise TokenizerError(f"{path}: byte-level BPE without a pre-tokenizer is not supported")
-    if pre.get("type") == "ByteLevel":
-        if pre.get("add_prefix_space"):
-            raise TokenizerError(f"{path}: ByteLevel add_prefix_space=true is not supported")
-        return HF_BYTELEVEL_PATTERN
-    if pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers", [])
-        if ([st.get("type") for st in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
-                and steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
-            return SMOLLM_PATTERN  # SmolLM2's tokenizer.json
-        if (len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {})
-                and steps[0].get("behavior") == "Isolated" and steps[1].get("type") == "ByteLevel"
-                and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
-            return steps[0]["pattern"]["Regex"]
-    raise TokenizerError(f"{path}: pre-tokenizer {json.dumps(pre)[:120]} is not supported "
-                         "(supported: ByteLevel, or Split(regex) + ByteLevel(use_regex=false))")
-
-
-def _token_str(tok) -> str | None:
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok
-
-
-def load_hf_tokenizer(folder: str | Path):
-    """Load <folder>/tokenizer.json (+ tokenizer_config.json for BOS/EOS and the chat template)."""
-    folder = Path(folder)
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise TokenizerError(f"no tokenizer.json in {folder}; pass one with --tokenizer")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        cfg_path = folder / "tokenizer_config.json"
-        tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"could not parse the tokenizer files in {folder} ({e})") from None
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{path}: tokenizer model {model.get('type')!r} is not supported (only BPE)")
-    vocab: dict[str, int] = model["vocab"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special", True)}
-    bos_str, eos_str = _token_str(tcfg.get("bos_token")), _token_str(tcfg.get("eos_token"))
-    bos_id = added.get(bos_str, vocab.get(bos_str)) if bos_str else None
-    eos_id = added.get(eos_str, vocab.get(eos_str)) if eos_str else None
-    template = tcfg.get("chat_template")
-    if isinstance(template, list):  # a list of named templates: take "default"
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-
-    if model.get("byte_fallback") or "▁" in "".join(list(vocab)[:2000]):
-        # SentencePiece converted to tokenizer.json (LLaMA 2, TinyLlama): "▁" = space, <0xNN> byte tokens.
-        size = max(max(vocab.values()), max(added.values(), default=-1)) + 1
-        pieces = [b""] * size
-        for s, i in vocab.items():
-            pieces[i] = s.replace("▁", " ").encode("utf-8")
-        for s, i in added.items():
-            pieces[i] = s.encode("utf-8")
-        ranks = {(a.replace("▁", " ").encode(), b.replace("▁", " ").encode()): r for r, (a, b) in enumerate(merges)}
-        add_bos = tcfg.get("add_bos_token", True)
-        return SentencePieceBPE(pieces, merge_ranks=ranks, bos_id=bos_id, eos_id=eos_id, special_tokens=special,
-                                chat_template=template, add_bos=add_bos, name=f"tokenizer.json {folder.name}")
-
-    # Byte-level BPE: a token's bytes are the inverse of GPT-2's byte->char map applied to its string.
-    pattern = _hf_pattern(spec.get("pre_tokenizer"), path)
-    tok = byte_level_bpe(_with_all_bytes(vocab), merges, pattern, special, source=str(path))
-    add_bos = bool(tcfg.get("add_bos_token", False))
-    size = max(max(vocab.values()), max(added.values(), default=-1)) + 1
-    return _VocabPrefix(tok, size, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
-                        name=f"tokenizer.json {folder.name}")
-
-
-# --------------------------------------------------------------------------------------------------
-# 6. GGUF metadata (llama.cpp's model files carry their tokenizer inside)
-# --------------------------------------------------------------------------------------------------
-
-# tokenizer.ggml.pre -> split pattern (llama.cpp's names); byte-level files of other models name others.
-GGUF_PRE_PATTERNS = {"default": HF_BYTELEVEL_PATTERN, "gpt2": HF_BYTELEVEL_PATTERN, "gpt-2": HF_BYTELEVEL_PATTERN,
-                     "smollm": SMOLLM_PATTERN, "starcoder": SMOLLM_PATTERN}
-GGUF_CONTROL = 3  # tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
-
-
-def _with_all_bytes(tokens: list[str] | dict[str, int]) -> dict[str, int]:
-    """{token: id} with every single byte present. SmolLM2's vocabulary lacks 21 single bytes (control
-    characters it never saw): they get placeholder ids past the vocabulary, which `_VocabPrefix` drops on
-    encode, as Hugging Face's BPE without an unk token drops a character it has no token for."""
-    ids = {t: i for i, t in enumerate(tokens)} if isinstance(tokens, list) else dict(tokens)
-    n = max(ids.values()) + 1
-    for c in gpt2_bytes_to_unicode().values():
-        if c not in ids:
-            ids[c], n = n, n + 1
-    return ids
-
-
-class _VocabPrefix(CourseTokenizer):
-    """A byte-level tokenizer whose first n ids are the model's; the placeholder ids above are dropped."""
-
-    def __init__(self, tok, n: int, **kw):
-        super().__init__(tok, **kw)
-        self.n = n
-
-    @property
-    def vocab_size(self) -> int:
-        return self.n
-
-    def encode(self, text: str, bos: bool | None = None, allowed_special: str = "all") -> list[int]:
-        return [i for i in super().encode(text, bos=bos, allowed_special=allowed_special) if i < self.n]
-
-
-def _gguf_metadata(source) -> tuple[dict, str]:
-    """(metadata dict, a name for messages) of a GGUF path, a gguf.GGUFReader, or a metadata dict."""
-    if isinstance(source, dict):
-        return source, str(source.get("general.name", "gguf"))
-    if hasattr(source, "fields"):  # gguf.GGUFReader
-        return {k: f.contents() for k, f in source.fields.items()}, str(getattr(source, "path", "gguf"))
-    from gguf import GGUFReader  # llama.cpp's own reader (project 3's gguf_io has a faster one)
-
-    path = Path(source)
-    if not path.is_file():
-        raise TokenizerError(f"GGUF file not found: {path}")
-    try:
-        return _gguf_metadata(GGUFReader(path, "r"))[0], str(path)
-    except Exception as e:
-        raise TokenizerError(f"{path}: cannot read GGUF metadata ({type(e).__name__}); not a GGUF file or "
-                             "truncated") from None
-
-
-def load_gguf_tokenizer(source):
-    """The tokenizer a GGUF file describes in its metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
-
-    source: a .gguf path, a `gguf.GGUFReader`, or the metadata dict of project 3's `read_gguf`.
-    - `tokenizer.ggml.model = gpt2`: byte-level BPE. `tokens` (GPT-2's byte-to-unicode spelling, position =
-      id) and `merges` ("a b" strings in merge order) go through `byte_level_bpe`; `pre` names the split
-      regex (`GGUF_PRE_PATTERNS`); tokens of type control (3) are special tokens, matched whole.
-    - `tokenizer.ggml.model = llama`: SentencePiece (LLaMA 2, TinyLlama): `tokens` with "▁" for a space and
-      `scores` (the merge priority), `<0xNN>` byte fallback: `SentencePieceBPE`.
-    BOS/EOS come from `bos_token_id` / `eos_token_id`, BOS-prepending from `add_bos_token` (llama.cpp's
-    default: on for SentencePiece, off for byte-level), the chat template from `tokenizer.chat_template`.
-    """
-    meta, name = _gguf_metadata(source)
-    model, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
-    if model is None or not tokens:
-        raise TokenizerError(f"{name}: the GGUF metadata holds no tokenizer (tokenizer.ggml.model / tokens); "
-                             "pass one with --tokenizer")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == GGUF_CONTROL}
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    template = meta.get("tokenizer.chat_template")
-    if model == "gpt2":
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_PATTERNS:
-            raise TokenizerError(f"{name}: pre-tokenizer '{pre}' is not supported (supported: "
-                                 f"{', '.join(GGUF_PRE_PATTERNS)})")
-        tok = byte_level_bpe(_with_all_bytes(tokens), meta.get("tokenizer.ggml.merges") or [],
-                             GGUF_PRE_PATTERNS[pre], special, source=name)
-        return _VocabPrefix(tok, len(tokens), bos_id=bos, eos_id=eos, chat_template=template,
-                            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), name=f"gguf {Path(name).name}")
-    if model == "llama":
-        scores = meta.get("tokenizer.ggml.scores")
-        if scores is None or len(scores) != len(tokens):
-            raise TokenizerError(f"{name}: a SentencePiece (llama) tokenizer needs tokenizer.ggml.scores")
-        pieces = [t.replace("\u2581", " ").encode("utf-8") for t in tokens]
-        return SentencePieceBPE(pieces, scores=list(scores), bos_id=bos, eos_id=eos, special_tokens=special,
-                                chat_template=template, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                                name=f"gguf {Path(name).name}")
-    raise TokenizerError(f"{name}: tokenizer model '{model}' is not supported (only gpt2 byte-level BPE and "
-                         "llama SentencePiece)")

@@ -15,8 +15,9 @@ import regex
 
 from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer import bpe, fast_bpe
+from phase1_foundation.project2_tokenizer.patterns import GPT4_SPLIT_PATTERN
 from phase1_foundation.project2_tokenizer.tokenizer import (
-    GPT4_SPLIT_PATTERN, PLAIN_WORK_LIMIT, BasicTokenizer, RegexTokenizer, TokenizerError, choose_trainer)
+    PLAIN_WORK_LIMIT, BasicTokenizer, RegexTokenizer, TokenizerError, choose_trainer)
 
 HERE = Path(__file__).resolve().parent
 WIKI = REPO_ROOT / "data" / "wikitext2" / "wiki.valid.raw"

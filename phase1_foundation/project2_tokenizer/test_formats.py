@@ -15,7 +15,7 @@ import pytest
 
 from course.errors import CourseError
 from course.paths import REPO_ROOT
-from phase1_foundation.project2_tokenizer.formats import load_hf_tokenizer, load_llama2c_tokenizer
+from phase1_foundation.project2_tokenizer.foreign_formats import load_hf_tokenizer, load_llama2c_tokenizer
 
 DATA = REPO_ROOT / "data" / "stories260k"
 TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "

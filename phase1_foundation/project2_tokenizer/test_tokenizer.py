@@ -24,10 +24,11 @@ import regex
 from course.errors import ConfigError, CourseError
 from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
-from phase1_foundation.project2_tokenizer.formats import load_gpt2, load_ranks, load_tokenizer
+from phase1_foundation.project2_tokenizer.formats import (
+    export_readable, from_ranks, load_gpt2, load_ranks, load_tokenizer, save_ranks, save_tokenizer, tokenizer_state)
+from phase1_foundation.project2_tokenizer.patterns import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS
 from phase1_foundation.project2_tokenizer.tokenizer import (
-    ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, BasicTokenizer,
-    DisallowedSpecialTokenError, RegexTokenizer, TokenizerError)
+    ENDOFTEXT, BasicTokenizer, DisallowedSpecialTokenError, RegexTokenizer, TokenizerError)
 from phase1_foundation.project2_tokenizer.fast_bpe import train_merges
 
 HERE = Path(__file__).resolve().parent
@@ -389,26 +390,25 @@ def test_register_special_tokens_validation():
 
 def test_save_load_roundtrip(trained, tmp_path):
     tok = trained["gpt4"]
-    path = tok.save(tmp_path / "tok.pkl")
+    path = save_tokenizer(tok, tmp_path / "tok.pkl")
     with open(path, "rb") as f:
         state = pickle.load(f)
     assert {"vocab", "inverse_vocab", "merges", "pattern", "special_tokens"} <= set(state)
-    tok.save(tmp_path / "tokenizer.pkl")
-    # load_tokenizer(file or folder), the classmethod, and minbpe-style in-place tok.load(path)
-    for loaded in (load_tokenizer(path), load_tokenizer(tmp_path), RegexTokenizer.load(path), RegexTokenizer("gpt2").load(path)):
-        assert isinstance(loaded, RegexTokenizer)
+    save_tokenizer(tok, tmp_path / "tokenizer.pkl")
+    # load_tokenizer(file) and load_tokenizer(folder): the same tokenizer, of the same class
+    for loaded in (load_tokenizer(path), load_tokenizer(tmp_path)):
+        assert type(loaded) is RegexTokenizer
         assert loaded.vocab == tok.vocab and loaded.merges == tok.merges and loaded.pattern == tok.pattern
         assert loaded.special_tokens == tok.special_tokens and loaded.vocab_size == 1024
         for text in HARD_TEXTS[:12]:
             assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     basic = BasicTokenizer().train("aaabdaaabac", 259)
-    assert BasicTokenizer.load(basic.save(tmp_path / "basic.pkl")).merges == basic.merges
-    with pytest.raises(TokenizerError, match="holds a BasicTokenizer"):
-        RegexTokenizer.load(tmp_path / "basic.pkl")
+    loaded = load_tokenizer(save_tokenizer(basic, tmp_path / "basic.pkl"))
+    assert type(loaded) is BasicTokenizer and loaded.merges == basic.merges and loaded.pattern is None
 
 
 def test_readable_export(trained, tmp_path):
-    path = trained["gpt2"].export_readable(tmp_path / "tok.vocab")
+    path = export_readable(trained["gpt2"], tmp_path / "tok.vocab")
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 2 + 1024 and lines[-1].endswith("(special)")
     assert lines[2 + 256].startswith("256\t") and "=" in lines[2 + 256]
@@ -416,9 +416,9 @@ def test_readable_export(trained, tmp_path):
 
 def test_ranks_roundtrip_and_tiktoken_file(trained, tmp_path):
     tok = trained["gpt2"]
-    back = RegexTokenizer.from_ranks(tok.to_ranks(), tok.pattern, tok.special_tokens)
+    back = from_ranks(tok.to_ranks(), tok.pattern, tok.special_tokens)
     assert back.merges == tok.merges and back.vocab == tok.vocab
-    path = tok.save_ranks(tmp_path / "ours.tiktoken")
+    path = save_ranks(tok, tmp_path / "ours.tiktoken")
     assert load_ranks(path) == tok.to_ranks()
     _need_tiktoken()
     from tiktoken.load import load_tiktoken_bpe
@@ -432,7 +432,7 @@ def test_from_ranks_arbitrary_table():
     ranks = {bytes([b]): r for r, b in enumerate(order)}
     for tok in [b"ab", b"abc", b"  ", b"abcab"]:
         ranks[tok] = len(ranks)
-    tok = RegexTokenizer.from_ranks(ranks, r"\S+|\s+", {"<s>": 1000})
+    tok = from_ranks(ranks, r"\S+|\s+", {"<s>": 1000})
     _need_tiktoken()
     theirs = tiktoken.Encoding("custom", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<s>": 1000})
     for text in ["abcab abc  ab", "xabcabx", "<s>abc", "   "]:
@@ -447,7 +447,7 @@ def test_gpt2_ranks_match_tiktoken_loader(gpt2_pair):
 
 def test_from_ranks_gpt2_recovers_vocab_bpe_merges(gpt2_pair):
     ours, _ = gpt2_pair
-    rebuilt = RegexTokenizer.from_ranks(ours.to_ranks(), "gpt2", ours.special_tokens)
+    rebuilt = from_ranks(ours.to_ranks(), "gpt2", ours.special_tokens)
     assert rebuilt.merges == ours.merges
 
 
@@ -470,7 +470,7 @@ def test_bad_inputs(trained, tmp_path):
     with pytest.raises(TokenizerError, match="split pattern"):
         RegexTokenizer(pattern="(unclosed")
     with pytest.raises(TokenizerError, match="single bytes"):
-        RegexTokenizer.from_ranks({b"a": 0}, "gpt2")
+        from_ranks({b"a": 0}, "gpt2")
 
 
 def test_corrupt_and_missing_files(tmp_path):
@@ -487,7 +487,7 @@ def test_corrupt_and_missing_files(tmp_path):
     with pytest.raises(CourseError, match="not a course tokenizer"):
         load_tokenizer(other)
     tok = RegexTokenizer().train("hello hello world", 260)
-    state = tok.state_dict()
+    state = tokenizer_state(tok)
     state["inverse_vocab"] = {}
     damaged = tmp_path / "damaged.pkl"
     damaged.write_bytes(pickle.dumps(state))

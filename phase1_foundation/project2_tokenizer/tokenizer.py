@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer from scratch: train, encode, decode, save, load; exact tiktoken parity.
+"""Byte-level BPE tokenizer from scratch: train, encode, decode; exact tiktoken parity.
 
 PAPERS
 - Philip Gage, 1994, "A New Algorithm for Data Compression": byte pair encoding as compression,
@@ -13,14 +13,10 @@ PAPERS
 - OpenAI tiktoken (2022-23): the cl100k ("GPT-4") split pattern, mergeable ranks (token bytes -> rank
   = id) as the exchange format, and the special-token contract (allowed_special / disallowed_special).
 
-The modules of this project, in reading order:
-  bpe.py          the plain algorithm: count pairs, merge the best, repeat; encode by rank
-  fast_bpe.py     the same merges and ids, fast (heap trainer, chunk cache, parallel pre-tokenization)
-  tokenizer.py    this file: the classes a user holds, split patterns, special tokens
-    - `BasicTokenizer`: train/encode/decode on raw bytes, save/load
-    - `RegexTokenizer`: regex pre-tokenization (GPT-2 / GPT-4 patterns), a chunk cache, special tokens
-  formats.py      files: our .pkl, tiktoken ranks, GPT-2's files, HF tokenizer.json, llama2.c .bin
-  chat_template.py  a conversation -> the prompt string a chat model expects (Jinja, like transformers)
+This file holds the classes a user holds: `BasicTokenizer` (BPE on raw bytes) and `RegexTokenizer`
+(regex pre-tokenization with patterns.py's GPT-2/GPT-4 splits, a chunk cache, special tokens). The plain
+algorithm is bpe.py, its fast twin fast_bpe.py; files (reading and writing) are formats.py. The README
+lists every module in reading order.
 
 WHICH TRAINER RUNS: `train(..., trainer=None)` picks the plain loop (`bpe.train_bpe`) when its work is
 small (distinct chunk bytes x merges <= PLAIN_WORK_LIMIT, about a second: a page of text, the examples
@@ -30,35 +26,22 @@ forces one. Both give the same merges (tested). train_tokenizer.py has `--traine
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
-import os
-import pickle
 from itertools import chain
-from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Literal
 
 import regex
 
 from course.errors import CourseError
-from phase1_foundation.project2_tokenizer.bpe import encode_chunk, recover_merges, train_bpe
+from phase1_foundation.project2_tokenizer.bpe import encode_chunk, train_bpe
 from phase1_foundation.project2_tokenizer.fast_bpe import (
     CACHE_LIMIT, LONG_CHUNK, ChunkCache, bpe_encode_chunk, count_chunks, train_merges)
+from phase1_foundation.project2_tokenizer.patterns import GPT4_SPLIT_PATTERN, SPLIT_PATTERNS, pattern_name
 
 # --------------------------------------------------------------------------------------------------
-# Split patterns and errors
+# Errors, patterns by name, the trainer choice
 # --------------------------------------------------------------------------------------------------
 
-# GPT-2 (r50k), as tiktoken writes it: contractions, optional space + letters, optional space +
-# numbers, optional space + punctuation, whitespace. The possessive `++` forms are equivalent to
-# GPT-2's original `'s|'t|...| ?\p{L}+|...|\s+(?!\S)|\s+` and a little faster (no backtracking).
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-# GPT-4 (cl100k): case-insensitive contractions, a letter run may take one leading non-letter
-# (" word", "_word"), numbers split into groups of at most 3 digits, newlines grouped.
-GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-                      r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -84,13 +67,6 @@ def resolve_pattern(pattern: str | None) -> str | None:
         raise TokenizerError(f"split pattern is neither a known name ({', '.join(SPLIT_PATTERNS)}) "
                              f"nor a valid regex: {e}") from None
     return pattern
-
-
-def pattern_name(pattern: str | None) -> str:
-    for name, pat in SPLIT_PATTERNS.items():
-        if pattern == pat:
-            return name
-    return "none" if pattern is None else "custom"
 
 
 def _fix_surrogates(text: str) -> str:
@@ -128,21 +104,6 @@ def _check_text(text: object) -> str:
 # BasicTokenizer: byte-level BPE on raw bytes
 # --------------------------------------------------------------------------------------------------
 
-_FORMAT = "course-bpe-tokenizer"
-_FORMAT_VERSION = 1
-
-
-class _ClassOrInstance:
-    """`load` works as `Tok.load(path)` (new tokenizer) and as `tok.load(path)` (fills tok in place)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __get__(self, obj, cls):
-        return functools.partial(self.fn, cls, obj)
-
-
 class BasicTokenizer:
     """Byte-level BPE with no pre-tokenization: the whole text is one sequence of bytes.
 
@@ -152,7 +113,7 @@ class BasicTokenizer:
     wastes vocabulary; RegexTokenizer below fixes that. Training on one long sequence is
     O(length x merges) (there are no repeated chunks to share work), so train it on small texts only.
 
-    State (what save() writes):
+    State (what formats.save_tokenizer writes):
       vocab          {id: token bytes} for the mergeable tokens (ids 0..255 are the raw bytes)
       inverse_vocab  {token bytes: id} - the tiktoken "mergeable ranks" (rank = id = merge order)
       merges         {(left id, right id): new id}, in merge order
@@ -306,63 +267,10 @@ class BasicTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self.decode_bytes([token_id])
 
-    # ---- save / load -----------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"format": _FORMAT, "version": _FORMAT_VERSION, "type": type(self).__name__,
-                "pattern": self.pattern, "pattern_name": pattern_name(self.pattern),
-                "vocab": dict(self.vocab), "inverse_vocab": dict(self.inverse_vocab),
-                "merges": dict(self.merges), "special_tokens": dict(self.special_tokens)}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer as a .pkl (atomically: never a half-written file)."""
-        from course.checkpoint import atomic_write  # lazy: keeps `import tokenizer` free of torch
-        state = self.state_dict()
-        return atomic_write(path, lambda f: pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL))
-
-    @_ClassOrInstance
-    def load(cls, obj, path: str | os.PathLike) -> "BasicTokenizer":
-        """`Tok.load(path)` returns a new tokenizer; `tok.load(path)` replaces tok's state and returns tok."""
-        from phase1_foundation.project2_tokenizer.formats import load_tokenizer  # formats builds on this module
-        tok = load_tokenizer(path)
-        if obj is None:
-            if not isinstance(tok, cls):
-                raise TokenizerError(f"{path} holds a {type(tok).__name__}, not a {cls.__name__}; "
-                                     "use load_tokenizer(path) to load any kind")
-            return tok
-        if type(tok) is not type(obj):
-            raise TokenizerError(f"{path} holds a {type(tok).__name__}, cannot load it into a {type(obj).__name__}")
-        obj.__setstate__(tok.__getstate__())
-        return obj
-
-    def export_readable(self, path: str | os.PathLike) -> Path:
-        """A human-readable vocabulary: one line per token, with the merge that made it."""
-        from course.checkpoint import atomic_write_text
-
-        def show(b: bytes) -> str:
-            return json.dumps(b.decode("utf-8", errors="backslashreplace"), ensure_ascii=False)
-        parents = {new: pair for pair, new in self.merges.items()}
-        lines = [f"# {type(self).__name__}  vocab_size={self.vocab_size}  pattern={pattern_name(self.pattern)}",
-                 "# id  token  [= left + right]   (tokens as JSON strings; bytes that are not UTF-8 as \\xNN)"]
-        for i in sorted(self.vocab):
-            line = f"{i}\t{show(self.vocab[i])}"
-            if i in parents:
-                a, b = parents[i]
-                line += f"\t= {show(self.vocab[a])} + {show(self.vocab[b])}"
-            lines.append(line)
-        for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
-            lines.append(f"{i}\t{json.dumps(s)}\t(special)")
-        return atomic_write_text(path, "\n".join(lines) + "\n")
-
     # ---- tiktoken-style ranks --------------------------------------------------------------
     def to_ranks(self) -> dict[bytes, int]:
         """tiktoken's mergeable_ranks: {token bytes: rank}; here rank == id."""
         return dict(self.inverse_vocab)
-
-    def save_ranks(self, path: str | os.PathLike) -> Path:
-        """Write the ranks in tiktoken's .tiktoken format: `base64(token) rank` per line."""
-        from course.checkpoint import atomic_write_text
-        lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(self.inverse_vocab.items(), key=lambda kv: kv[1])]
-        return atomic_write_text(path, "\n".join(lines) + "\n")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, pattern={pattern_name(self.pattern)}, "
@@ -464,35 +372,3 @@ class RegexTokenizer(BasicTokenizer):
                      disallowed_special: Literal["all"] | Collection[str] = "all") -> list[list[int]]:
         return super().encode_batch(texts, num_workers=num_workers, allowed_special=allowed_special,
                                     disallowed_special=disallowed_special)
-
-    # ---- interop ---------------------------------------------------------------------------
-    @classmethod
-    def from_ranks(cls, mergeable_ranks: dict[bytes, int], pattern: str = "gpt2",
-                   special_tokens: dict[str, int] | None = None) -> "RegexTokenizer":
-        """Build a tokenizer from tiktoken-style ranks {token bytes: rank}; id = rank.
-
-        Accepts any byte-level table (GPT-2's, a converted Hugging Face tokenizer.json, a prefix of
-        our own): every one of the 256 single bytes must have a rank, and ranks must be unique.
-        `merges` is recovered for display by replaying BPE on each token with only the lower ranks
-        (the split that training must have used); a token not reachable as exactly two parts (possible
-        in hand-edited tables) simply has no merge entry - encoding uses ranks and does not need it.
-        """
-        if not isinstance(mergeable_ranks, dict) or not mergeable_ranks:
-            raise TokenizerError("mergeable_ranks must be a non-empty {bytes: int} dict")
-        for t, r in mergeable_ranks.items():
-            if not isinstance(t, bytes) or not t or not isinstance(r, int) or r < 0:
-                raise TokenizerError(f"bad mergeable_ranks entry {t!r}: {r!r} (expected non-empty bytes -> int >= 0)")
-        missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
-        if missing:
-            raise TokenizerError(f"mergeable_ranks lacks {len(missing)} of the 256 single bytes (e.g. {bytes([missing[0]])!r}); "
-                                 "a byte-level BPE needs all of them")
-        if len(set(mergeable_ranks.values())) != len(mergeable_ranks):
-            raise TokenizerError("mergeable_ranks has duplicate ranks; each token needs its own rank")
-        tok = cls(pattern=pattern)
-        tok.vocab = {r: t for t, r in mergeable_ranks.items()}
-        tok.merges = recover_merges(mergeable_ranks)
-        tok.special_tokens = {}
-        tok._rebuild()
-        if special_tokens:
-            tok.register_special_tokens(dict(special_tokens))
-        return tok

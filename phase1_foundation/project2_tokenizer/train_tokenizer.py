@@ -26,7 +26,8 @@ from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, WIKITEXT2_DIR, read_gutenberg
-from phase1_foundation.project2_tokenizer.formats import load_gpt2
+from phase1_foundation.project2_tokenizer.formats import (export_readable, from_ranks, load_gpt2, save_ranks,
+                                                          save_tokenizer)
 from phase1_foundation.project2_tokenizer.tokenizer import BasicTokenizer, RegexTokenizer
 
 EVAL_CHARS = 2_000_000  # held-out text used for the compression plot (per vocab size)
@@ -101,9 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(vocabulary_growth(tok))
 
     # ---- save -------------------------------------------------------------------------------
-    tok.save(out / "tokenizer.pkl")
-    tok.export_readable(out / "tokenizer.vocab")
-    tok.save_ranks(out / "tokenizer.tiktoken")
+    save_tokenizer(tok, out / "tokenizer.pkl")
+    export_readable(tok, out / "tokenizer.vocab")
+    save_ranks(tok, out / "tokenizer.tiktoken")
     atomic_write_json(out / "config.json", cfg.to_dict())
     print(f"saved {out / 'tokenizer.pkl'} (+ tokenizer.vocab, tokenizer.tiktoken, config.json)")
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes, bpts = [], []
     for size in cfg.plot_size_list():
         n_ids = size - len(tok.special_tokens) if size == cfg.vocab_size else size
-        prefix = RegexTokenizer.from_ranks({t: r for t, r in ranks.items() if r < n_ids}, tok.pattern)
+        prefix = from_ranks({t: r for t, r in ranks.items() if r < n_ids}, tok.pattern)
         sizes.append(size)
         bpts.append(bytes_per_token(prefix, [sample]))
     plot_curves(out / "compression_vs_vocab.png", {"ours (held-out)": (sizes, bpts)},

@@ -13,7 +13,7 @@ Datasets:
                  converting to one document per article, or train on it as one document)
 
 `--source` imports a local copy (a folder holding the files) or fetches from another base URL; the same
-checks apply. This is a thin wrapper: the download code lives once, in project 2's download_data.py.
+checks apply. This is a thin wrapper: the download code lives once, in project 2's data_sources.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import argparse
 from pathlib import Path
 
 from course.errors import CourseError, run_cli
-from phase1_foundation.project2_tokenizer.download_data import (GPT2_BASE, GPT2_FILES, WIKITEXT2_BASE, WIKITEXT2_FILES,
-                                                                get_files, get_gutenberg, get_wikitext103)
+from phase1_foundation.project2_tokenizer.data_sources import (GPT2_BASE, GPT2_FILES, WIKITEXT2_BASE, WIKITEXT2_FILES,
+                                                               get_files, get_gutenberg, get_wikitext103)
 
 DATASETS = ("gutenberg", "wikitext2", "wikitext103", "gpt2_bpe")
 

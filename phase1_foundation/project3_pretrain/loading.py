@@ -26,8 +26,9 @@ from course.errors import ConfigError, CourseError
 from course.paths import REPO_ROOT, repo_path
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT
-from phase1_foundation.project2_tokenizer.formats import (CourseTokenizer, load_gguf_tokenizer, load_hf_tokenizer,
-                                                          load_llama2c_tokenizer, load_tokenizer)
+from phase1_foundation.project2_tokenizer.foreign_formats import (load_gguf_tokenizer, load_hf_tokenizer,
+                                                                  load_llama2c_tokenizer)
+from phase1_foundation.project2_tokenizer.formats import CourseTokenizer, load_tokenizer
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 from phase1_foundation.project3_pretrain.data import TRAIN_CMD
 from phase1_foundation.project3_pretrain.gguf_io import GGUFFile, read_gguf

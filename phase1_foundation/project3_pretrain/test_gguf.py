@@ -14,7 +14,7 @@ from gguf import GGUFReader, quants
 
 from course.errors import CourseError
 from course.paths import REPO_ROOT
-from phase1_foundation.project2_tokenizer.formats import load_gguf_tokenizer
+from phase1_foundation.project2_tokenizer.foreign_formats import load_gguf_tokenizer
 from phase1_foundation.project3_pretrain import gguf_quants as gq
 from phase1_foundation.project3_pretrain.gguf_io import GGUFFile, load_gguf, read_gguf
 from phase1_foundation.project3_pretrain.gguf_testing import CHATML, TYPES, quantized, write_gguf

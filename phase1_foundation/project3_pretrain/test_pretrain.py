@@ -240,12 +240,13 @@ def fake_corpus(root, n_books=3, words_per_book=3000):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    from phase1_foundation.project2_tokenizer.formats import save_tokenizer
     from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer
     from phase1_foundation.project3_pretrain.prepare_data import prepare
     root = tmp_path_factory.mktemp("p3data")
     folder, books = fake_corpus(root)
     tok = RegexTokenizer("gpt4", special_tokens=["<|endoftext|>"]).train(books, vocab_size=300)
-    tok.save(root / "tok.pkl")
+    save_tokenizer(tok, root / "tok.pkl")
     meta = prepare(folder, root / "shards", root / "tok.pkl", heldout_every=3, progress=False)
     return root, books, tok, meta
 

@@ -25,6 +25,7 @@ import torch
 
 from course.checkpoint import atomic_write_text
 from course.errors import CourseError
+from phase1_foundation.project2_tokenizer.formats import save_tokenizer
 from phase1_foundation.project3_pretrain.model import Llama
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -95,7 +96,7 @@ def save_chat_format(folder: str | Path, tok, template: str = CHATML_TEMPLATE, b
                      eos_token: str = IM_END) -> Path:
     """Write `folder/tokenizer_config.json` (atomically) and the tokenizer itself as `folder/tokenizer.pkl`."""
     folder = Path(folder)
-    tok.save(folder / "tokenizer.pkl")
+    save_tokenizer(tok, folder / "tokenizer.pkl")
     return atomic_write_text(folder / "tokenizer_config.json",
                              json.dumps(tokenizer_config(tok, template, bos_token, eos_token), indent=2) + "\n")
 
