@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import platform
 import resource
 import time
 
 import regex
 
+from course.cli import ArgumentParser, nonneg_int, positive_int
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from phase1_foundation.project2_tokenizer.bpe import encode_chunk, train_bpe
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, read_gutenberg, read_wikitext2
 from phase1_foundation.project2_tokenizer.fast_bpe import bpe_encode_chunk, count_chunks, train_merges
 from phase1_foundation.project2_tokenizer.formats import from_ranks, load_gpt2
+from phase1_foundation.project2_tokenizer.config import MAX_WORKERS
 from phase1_foundation.project2_tokenizer.tokenizer import ENDOFTEXT, RegexTokenizer
 
 
@@ -47,19 +50,55 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def vocab_size_flag(text: str) -> int:
+    """256 byte tokens + <|endoftext|> + at least one merge."""
+    value = positive_int(text)
+    if value < 258:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 258 (256 bytes + <|endoftext|> + a merge), "
+                                         f"got '{text}'")
+    return value
+
+
+def workers_flag(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_WORKERS}], got '{text}'")
+    return value
+
+
+def json_out(text: str) -> Path:
+    """--out: the JSON file to write (its folder is created); not an existing folder."""
+    path = repo_path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give the .json file to write")
+    return path
+
+
+def cpu_only(text: str) -> str:
+    if text not in ("cpu", "auto"):
+        raise argparse.ArgumentTypeError(f"benchmark.py measures tokenizers on the CPU; pass cpu (got '{text}')")
+    return text
+
+
+def vocab_label(n: int) -> str:
+    """10000 -> "10K", 4096 -> "4,096": the row labels name the vocabulary actually trained."""
+    return f"{n // 1000}K" if n % 1000 == 0 else f"{n:,}"
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default="data/gutenberg")
-    p.add_argument("--vocab_size", type=int, default=10_000)
-    p.add_argument("--num_workers", type=int, default=2, help="our pre-tokenization processes")
-    p.add_argument("--max_books", type=int, default=0, help="use only the first N books (0 = all; for a quick try)")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--data_dir", default="data/gutenberg", help="the *.txt.gz books (default: %(default)s)")
+    p.add_argument("--vocab_size", type=vocab_size_flag, default=10_000, help="ids to train, >= 258")
+    p.add_argument("--num_workers", type=workers_flag, default=2, help="our pre-tokenization processes")
+    p.add_argument("--max_books", type=nonneg_int, default=0, help="use only the first N books (0 = all; for a quick try)")
     p.add_argument("--skip_references", action="store_true", help="do not run HF tokenizers / tiktoken")
-    p.add_argument("--plain_kb", type=int, default=200, help="text slice (KB) for the plain vs fast comparison")
-    p.add_argument("--plain_merges", type=int, default=200, help="merges for the plain vs fast comparison")
-    p.add_argument("--out", default="checkpoints/project2/benchmark.json")
+    p.add_argument("--plain_kb", type=positive_int, default=200, help="text slice (KB) for the plain vs fast comparison")
+    p.add_argument("--plain_merges", type=positive_int, default=200, help="merges for the plain vs fast comparison")
+    p.add_argument("--out", type=json_out, default="checkpoints/project2/benchmark.json")
     p.add_argument("--seed", type=int, default=0, help="unused: everything measured here is deterministic")
-    p.add_argument("--device", default="cpu", help="unused: tokenizers run on CPU")
+    p.add_argument("--device", type=cpu_only, default="cpu", help="cpu only: tokenizers run on the CPU")
     args = p.parse_args(argv)
+    V = vocab_label(args.vocab_size)
 
     base_rss = _rss_mb(resource.RUSAGE_SELF)
     books = read_gutenberg(args.data_dir, "all")
@@ -111,29 +150,29 @@ def main(argv: list[str] | None = None) -> dict:
         return ids
 
     fresh = from_ranks(ours.to_ranks(), ours.pattern, ours.special_tokens)  # cold cache
-    ids_ours = enc_speed("ours_10k", fresh.encode_ordinary)
+    ids_ours = enc_speed("ours", fresh.encode_ordinary)
     gpt2 = None
     if (GPT2_DIR / "encoder.json").is_file():
         gpt2 = load_gpt2(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
         ids_ours_gpt2 = enc_speed("ours_gpt2", gpt2.encode_ordinary)
     if tiktoken is not None:
-        tt = tiktoken.Encoding("ours10k", pat_str=ours.pattern, mergeable_ranks=ours.to_ranks(), special_tokens=ours.special_tokens)
-        r["parity_ours_10k"] = enc_speed("tiktoken_10k", tt.encode_ordinary) == ids_ours
+        tt = tiktoken.Encoding(f"ours{args.vocab_size}", pat_str=ours.pattern, mergeable_ranks=ours.to_ranks(), special_tokens=ours.special_tokens)
+        r["parity_ours"] = enc_speed("tiktoken_ours", tt.encode_ordinary) == ids_ours
         if gpt2 is not None:
             tt2 = tiktoken.Encoding("gpt2local", pat_str=gpt2.pattern, mergeable_ranks=gpt2.to_ranks(), special_tokens=gpt2.special_tokens)
             r["parity_ours_gpt2"] = enc_speed("tiktoken_gpt2", tt2.encode_ordinary) == ids_ours_gpt2
-        enc_speed("hf_10k", lambda b: hf.encode(b).ids)
-        print(f"exact parity with tiktoken on the whole corpus: trained 10K {r['parity_ours_10k']}, "
+        enc_speed("hf", lambda b: hf.encode(b).ids)
+        print(f"exact parity with tiktoken on the whole corpus: trained {V} {r['parity_ours']}, "
               f"GPT-2 {r.get('parity_ours_gpt2', 'n/a')}")
 
     # ---- compression on text none of them trained on ----------------------------------------------
     try:
         wiki = read_wikitext2("test")
         wiki_mb = len(wiki.encode("utf-8"))
-        r["bpt_ours_10k_gpt2"] = wiki_mb / len(ours.encode_ordinary(wiki))
-        r["bpt_ours_10k_gpt4"] = wiki_mb / len(ours4.encode_ordinary(wiki))
+        r["bpt_ours_gpt2"] = wiki_mb / len(ours.encode_ordinary(wiki))
+        r["bpt_ours_gpt4"] = wiki_mb / len(ours4.encode_ordinary(wiki))
         if hf is not None:
-            r["bpt_hf_10k"] = wiki_mb / len(hf.encode(wiki).ids)
+            r["bpt_hf"] = wiki_mb / len(hf.encode(wiki).ids)
         if gpt2 is not None:
             r["bpt_gpt2_50k"] = wiki_mb / len(gpt2.encode_ordinary(wiki))
             if tiktoken is not None:  # measured by tiktoken itself, not copied from ours
@@ -160,15 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
     def g(key, fmt="{:.2f}"):
         return fmt.format(r[key]) if key in r else "n/a"
     rows = [
-        ("train 10K vocab, gpt2 pattern (s)", g("train_ours_gpt2_s", "{:.1f}"), g("train_hf_s", "{:.1f}"), "-"),
-        ("train 10K vocab, gpt4 pattern (s)", g("train_ours_gpt4_s", "{:.1f}"), "-", "-"),
+        (f"train {V} vocab, gpt2 pattern (s)", g("train_ours_gpt2_s", "{:.1f}"), g("train_hf_s", "{:.1f}"), "-"),
+        (f"train {V} vocab, gpt4 pattern (s)", g("train_ours_gpt4_s", "{:.1f}"), "-", "-"),
         ("training peak RSS, main / worker (MB)",
          f"{g('train_peak_rss_main_mb', '{:.0f}')} / {g('train_peak_rss_worker_mb', '{:.0f}')}", "-", "-"),
-        ("encode, our 10K ranks (MB/s, 1 process)", g("encode_ours_10k_mbps"), g("encode_hf_10k_mbps"), g("encode_tiktoken_10k_mbps")),
+        (f"encode, our {V} ranks (MB/s, 1 process)", g("encode_ours_mbps"), g("encode_hf_mbps"), g("encode_tiktoken_ours_mbps")),
         ("encode, GPT-2 ranks (MB/s, 1 process)", g("encode_ours_gpt2_mbps"), "-", g("encode_tiktoken_gpt2_mbps")),
-        ("ids identical to tiktoken (10K / GPT-2)", f"{r.get('parity_ours_10k', 'n/a')} / {r.get('parity_ours_gpt2', 'n/a')}", "-", "-"),
-        ("bytes/token WikiText-2 test, 10K gpt2 pattern", g("bpt_ours_10k_gpt2"), g("bpt_hf_10k"), "-"),
-        ("bytes/token WikiText-2 test, 10K gpt4 pattern", g("bpt_ours_10k_gpt4"), "-", "-"),
+        (f"ids identical to tiktoken ({V} / GPT-2)", f"{r.get('parity_ours', 'n/a')} / {r.get('parity_ours_gpt2', 'n/a')}", "-", "-"),
+        (f"bytes/token WikiText-2 test, {V} gpt2 pattern", g("bpt_ours_gpt2"), g("bpt_hf"), "-"),
+        (f"bytes/token WikiText-2 test, {V} gpt4 pattern", g("bpt_ours_gpt4"), "-", "-"),
         ("bytes/token WikiText-2 test, GPT-2 50,257", g("bpt_gpt2_50k"), "-", g("bpt_tiktoken_gpt2_50k")),
         (f"slice {args.plain_kb} KB, {args.plain_merges} merges: train plain / fast (s)",
          f"{g('train_slice_plain_s')} / {g('train_slice_fast_s')}", "-", "-"),
@@ -182,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("| " + " | ".join(row) + " |")
     if "train_ratio_ours_vs_hf" in r:
         print(f"\ntraining time ours / HF tokenizers = {r['train_ratio_ours_vs_hf']:.2f}x (target <= 2x); "
-              f"encode {r['encode_ours_10k_mbps']:.1f} MB/s (target >= 3)")
+              f"encode {r['encode_ours_mbps']:.1f} MB/s (target >= 3)")
     from course.checkpoint import atomic_write_json  # imports torch: only now, after the RSS measurement
     atomic_write_json(repo_path(args.out), r)
     print(f"wrote {args.out}")

@@ -14,6 +14,8 @@ from course.config import BaseConfig
 from phase1_foundation.project2_tokenizer.patterns import SPLIT_PATTERNS
 from phase1_foundation.project2_tokenizer.tokenizer import TRAINERS
 
+MAX_WORKERS = 64  # pre-tokenization processes; more only costs memory
+
 
 @dataclass
 class TokenizerConfig(BaseConfig):
@@ -56,6 +58,8 @@ class TokenizerConfig(BaseConfig):
         self.check_choice(errors, "pattern", SPLIT_PATTERNS)
         self.check_choice(errors, "trainer", TRAINERS)
         self.check_positive(errors, "num_workers")
+        if self.num_workers > MAX_WORKERS:
+            errors.append(f"num_workers ({self.num_workers}) must be <= {MAX_WORKERS} (one process per CPU core is plenty)")
         if self.heldout_every < 0 or self.heldout_every == 1:
             errors.append(f"heldout_every ({self.heldout_every}) must be 0 (no held-out books) or >= 2")
         if self.max_train_mb < 0:

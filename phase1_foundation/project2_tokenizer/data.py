@@ -7,12 +7,12 @@ license boilerplate) and turns the books' CRLF line ends into "\\n".
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
 import regex
 
+from course.cli import read_text_file
 from course.errors import CourseError
 from course.paths import REPO_ROOT, repo_path
 
@@ -56,10 +56,10 @@ def read_gutenberg(data_dir: str | os.PathLike = GUTENBERG_DIR, split: str = "al
     for k, path in enumerate(gutenberg_files(data_dir)):
         held = heldout_every > 0 and k % heldout_every == 0
         if split == "all" or (split == "heldout") == held:
-            try:
-                text = gzip.decompress(path.read_bytes()).decode("utf-8")
-            except (OSError, EOFError, UnicodeDecodeError) as e:
-                raise CourseError(f"cannot read {path} ({e}); re-import it with: " + HELP.format("gutenberg")) from None
+            try:  # every way a book can be unreadable (corrupt .gz, not UTF-8, ...) is one line
+                text = read_text_file(path, "Gutenberg book", min_chars=0)
+            except CourseError as e:
+                raise CourseError(f"{e}; or re-import it with: " + HELP.format("gutenberg")) from None
             books.append(strip_gutenberg(text) if strip else text)
     return books
 
@@ -68,7 +68,7 @@ def read_wikitext2(split: str = "test", data_dir: str | os.PathLike = WIKITEXT2_
     path = repo_path(data_dir) / f"wiki.{split}.raw"
     if not path.is_file():
         raise CourseError(f"{path} not found; get it with: " + HELP.format("wikitext2"))
-    return path.read_text(encoding="utf-8")
+    return read_text_file(path, "WikiText-2 file")
 
 
 def gpt2_files(data_dir: str | os.PathLike = GPT2_DIR) -> tuple[Path, Path]:

@@ -120,3 +120,31 @@ def test_choose_trainer():
         choose_trainer("heap", small, 1)
     with pytest.raises(TokenizerError, match="trainer must be one of"):
         RegexTokenizer().train("some text", 300, trainer="quick")
+
+
+# ---- run as a script: validation examples ----------------------------------------------------------------
+def _demo() -> None:
+    import time
+
+    text = real_text(30_000, start=12_345)
+    chunk_counts = {s.encode(): c for s, c in Counter(regex.findall(GPT4_SPLIT_PATTERN, text)).items()}
+    print(f"30 KB of text, {len(chunk_counts):,} distinct chunks (GPT-4 split), 100 merges:")
+    results = {}
+    for name, train in (("plain bpe.train_bpe", bpe.train_bpe), ("fast fast_bpe.train_merges", fast_bpe.train_merges)):
+        t0 = time.perf_counter()
+        results[name] = train(chunk_counts, 100)
+        print(f"   {name:<28} {time.perf_counter() - t0:.3f} s")
+    plain, fast = results.values()
+    print(f"   same merges: {plain == fast}; first five: "
+          f"{[bytes(p).decode('utf-8', 'replace') if max(p) < 256 else p for p, _ in plain[:5]]}")
+    tok = RegexTokenizer().train(text, 256 + 100)
+    ranks = tok.to_ranks()
+    chunks = list(chunk_counts)[:2_000]
+    same = all(bpe.encode_chunk(c, ranks) == fast_bpe.bpe_encode_chunk(c, ranks) for c in chunks)
+    print(f"   same ids from bpe.encode_chunk and fast_bpe.bpe_encode_chunk on {len(chunks):,} chunks: {same}")
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(_demo, __doc__)

@@ -109,3 +109,19 @@ def test_render_chat_errors(hf_tokenizer):
     # the sandbox: a template cannot reach Python internals
     with pytest.raises(CourseError, match="could not render"):
         render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", bad_roles)
+
+
+# ---- run as a script: validation examples ----------------------------------------------------------------
+def _demo() -> None:
+    conversation = [{"role": "user", "content": "What is BPE?"},
+                    {"role": "assistant", "content": "Byte pair encoding."}, {"role": "user", "content": "Thanks!"}]
+    for name, template in (("ChatML (Qwen2.5)", CHATML), ("LLaMA 2 chat", LLAMA2), ("TinyLlama (Zephyr)", TINYLLAMA)):
+        print(f"--- {name} ---")
+        print(render_chat(template, conversation, bos_token="<s>", eos_token="</s>"))
+    print("--- (the tests compare each with transformers' apply_chat_template on random conversations)")
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(_demo, __doc__)

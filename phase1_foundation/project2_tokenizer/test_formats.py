@@ -165,3 +165,37 @@ def test_tok512_encodes_like_the_model_writes():
     assert tok.decode(model_ids) == text
     for t in random_texts(4, 10):
         assert tok.decode(tok.encode(t)) == t
+
+
+# ---- run as a script: validation examples ----------------------------------------------------------------
+def _demo() -> None:
+    path = DATA / "tok512.bin"
+    if path.is_file():
+        tok = load_llama2c_tokenizer(path, 512)
+        ids = tok.encode("Once upon a time, there was a little girl named Lily.")
+        print(f"1. llama2.c {path.name} (SentencePiece-style BPE, merges by score):\n   ids {ids}\n"
+              f"   pieces {[tok.piece_bytes(p, i).decode('utf-8', 'replace') for p, i in zip([None] + ids, ids)]}")
+    else:
+        print(f"1. (no {path}: run phase3_core_inference/project8_kv_cache/download_data.py to see llama2.c's tokens)")
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    except ImportError:
+        print("2. (the tokenizers library is not installed: no tokenizer.json comparison)")
+        return
+    import tempfile
+
+    ref = Tokenizer(models.BPE())
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = load_hf_tokenizer(write_folder(Path(tmp), ref, {}))
+    same = sum(ours.encode(t, bos=False) == ref.encode(t).ids for t in random_texts(0))
+    print(f"2. a byte-level tokenizer.json trained by HF tokenizers, read by load_hf_tokenizer: "
+          f"ids identical on {same}/30 random texts")
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(_demo, __doc__)

@@ -10,11 +10,8 @@ BPE trainer written here from the definition. GPT-2 tests need data/gpt2_bpe/ (d
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -581,58 +578,95 @@ def test_train_script_end_to_end(tmp_path):
     assert summary["bytes_per_token"] > 1.2
 
 
-def test_scripts_help_and_offline_message(tmp_path):
-    for script in ["train_tokenizer.py", "download_data.py", "benchmark.py"]:
-        r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
-        assert r.returncode == 0 and "usage" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, str(HERE / "download_data.py"), "--dataset", "gpt2_bpe",
-                        "--source", str(tmp_path), "--data_dir", str(tmp_path / "d")], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
-
-
 # ------------------------------------------------------------------------------------------------
-# Interactive mode: see how text becomes tokens
+# Run as a script: validation examples, or an interactive viewer of how text becomes tokens
 # ------------------------------------------------------------------------------------------------
 
-def show_tokens(tok, text: str) -> str:
-    """Token boundaries (alternating colors), ids, and the compression of one text."""
-    ids = tok.encode(text, allowed_special="all")
-    colors = ["\033[48;5;153m", "\033[48;5;223m", "\033[48;5;194m", "\033[48;5;217m"]
+DEFAULT_TOKENIZER = "checkpoints/project2/tokenizer.pkl"
+COLORS = ["48;5;153", "48;5;223", "48;5;194", "48;5;217"]  # token backgrounds, in turn
+
+
+def show_tokens(tok, text: str, color: bool | None = None) -> str:
+    """Token boundaries (alternating colours on a terminal, `|` between tokens otherwise), ids, compression."""
+    from course.cli import use_color
+
+    color = use_color() if color is None else color
+    ids = tok.encode(text, allowed_special="all") if isinstance(tok, RegexTokenizer) else tok.encode(text)
     pieces = []
     for k, i in enumerate(ids):
         # A token that holds part of a multi-byte character shows its bytes: \xf0
         s = tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace").replace("\n", "\\n").replace("\t", "\\t")
-        pieces.append(f"{colors[k % len(colors)]}\033[30m{s}\033[0m")
+        pieces.append(f"\033[{COLORS[k % len(COLORS)]};30m{s}\033[0m" if color else s)
     n_bytes = len(text.encode("utf-8"))
     ratio = n_bytes / max(len(ids), 1)
-    return (f"{''.join(pieces)}\nids: {ids}\n{len(ids)} tokens, {n_bytes} bytes, "
+    return (f"{''.join(pieces) if color else '|'.join(pieces)}\nids: {ids}\n{len(ids)} tokens, {n_bytes} bytes, "
             f"{ratio:.2f} bytes/token, compression {ratio:.2f}x vs raw bytes")
 
 
-def interactive(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Type text, see its tokens (boundaries, ids, compression).")
-    p.add_argument("--interactive", action="store_true")
-    p.add_argument("--tokenizer", default="checkpoints/project2/tokenizer.pkl",
-                   help="a saved tokenizer .pkl, or 'gpt2' for GPT-2's (from data/gpt2_bpe/)")
+def open_tokenizer(spec: str):
+    """'gpt2' (data/gpt2_bpe/), or a saved .pkl / its folder; relative paths work from any directory."""
+    from course.paths import repo_path
+    from phase1_foundation.project2_tokenizer.data import gpt2_files
+
+    if spec == "gpt2":
+        return load_gpt2(*gpt2_files())
+    return load_tokenizer(repo_path(spec))
+
+
+def interactive_session(tok) -> None:
+    """The course's one session behaviour (course/interactive.py): a bad line is reported and the prompt
+    comes back; an empty line does nothing; Ctrl-C twice, Ctrl-D or /quit quits. `\\n` types a newline."""
+    from course.interactive import run_session
+
+    def answer(line: str, out) -> None:
+        out.write(show_tokens(tok, line.replace("\\n", "\n")) + "\n")
+
+    run_session(answer, banner=f"{tok}\nType text to see its tokens (\\n for a newline; /quit or Ctrl-D quits).")
+
+
+def _demo(tok, source: str) -> None:
+    print("1. BPE by hand on Wikipedia's example 'aaabdaaabac' (3 merges):")
+    basic = BasicTokenizer().train("aaabdaaabac", vocab_size=259)
+    for (a, b), new in basic.merges.items():
+        print(f"   merge {basic.vocab[a].decode()!r} + {basic.vocab[b].decode()!r} -> id {new} "
+              f"{basic.vocab[new].decode()!r}")
+    print(f"   'aaabdaaabac' -> {basic.encode('aaabdaaabac')}\n")
+    print(f"2. {source}: {tok}")
+    for text in ["Hello world! It's 2024.", "naïve café 你好 👋", "def f(x):\n    return x**2"]:
+        print(show_tokens(tok, text), "\n")
+    if tiktoken is None or tok.pattern is None:
+        print("3. (no parity check: tiktoken is not installed or the tokenizer has no split pattern)")
+        return
+    theirs = tiktoken.Encoding("check", pat_str=tok.pattern, mergeable_ranks=tok.to_ranks(),
+                               special_tokens=tok.special_tokens)
+    same = sum(tok.encode(t, disallowed_special=()) == theirs.encode(t, disallowed_special=()) for t in HARD_TEXTS)
+    print(f"3. ids identical to tiktoken built from the same ranks: {same}/{len(HARD_TEXTS)} hard texts")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from course.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, epilog="Without --interactive: validation examples. "
+                                                   "The tests run with pytest.")
+    p.add_argument("--interactive", action="store_true", help="type text, see its tokens")
+    p.add_argument("--tokenizer", default=None,
+                   help=f"a saved tokenizer .pkl (or its folder), or 'gpt2' for GPT-2's (data/gpt2_bpe/); "
+                        f"default {DEFAULT_TOKENIZER}")
     args = p.parse_args(argv)
-    if args.tokenizer == "gpt2":
-        tok = load_gpt2(REPO_ROOT / "data/gpt2_bpe/encoder.json", REPO_ROOT / "data/gpt2_bpe/vocab.bpe")
+    if args.tokenizer is None and not args.interactive and not (REPO_ROOT / DEFAULT_TOKENIZER).is_file():
+        # the examples run before anything is trained: a small tokenizer trained here on this project's files
+        tok, source = RegexTokenizer("gpt4", [ENDOFTEXT]).train(_fallback_corpus(), 600), \
+            f"no {DEFAULT_TOKENIZER} yet (run train_tokenizer.py); a 600-id tokenizer trained on this project's files"
     else:
-        tok = load_tokenizer(args.tokenizer)
-    print(f"{tok}\nType text (empty line or Ctrl-D to quit).")
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line:
-            break
-        print(show_tokens(tok, line.replace("\\n", "\n")))
+        spec = args.tokenizer or DEFAULT_TOKENIZER
+        tok, source = open_tokenizer(spec), spec
+    if args.interactive:
+        interactive_session(tok)
+    else:
+        _demo(tok, source)
 
 
 if __name__ == "__main__":
-    if "--interactive" in sys.argv:
-        from course.errors import run_cli
-        run_cli(interactive)
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    from course.errors import run_cli
+
+    run_cli(main)

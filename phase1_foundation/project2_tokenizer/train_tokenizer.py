@@ -9,23 +9,24 @@ tokenizer.tiktoken (tiktoken ranks), config.json, token_lengths.png, compression
 Prints the training time, how the vocabulary grows, and bytes per token on held-out text
 (held-out Gutenberg books, WikiText-2 test if downloaded) beside GPT-2's tokenizer if downloaded.
 
-Training takes about 10-20 seconds on 2 CPU cores, so there is no resume: rerun it.
+Training takes about 10-20 seconds on 2 CPU cores, so there is no resume: rerun it. Bad flags, a
+missing or unreadable book and an --out_dir that is a file each end in one `error:` line.
 """
 
 from __future__ import annotations
 
-import argparse
 import resource
 import time
 from pathlib import Path
 
 from course.checkpoint import atomic_write, atomic_write_json
+from course.cli import ArgumentParser, warn
 from course.device import set_seed
-from course.errors import run_cli
+from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
-from phase1_foundation.project2_tokenizer.data import GPT2_DIR, WIKITEXT2_DIR, read_gutenberg
+from phase1_foundation.project2_tokenizer.data import GPT2_DIR, WIKITEXT2_DIR, read_gutenberg, read_wikitext2
 from phase1_foundation.project2_tokenizer.formats import (export_readable, from_ranks, load_gpt2, save_ranks,
                                                           save_tokenizer)
 from phase1_foundation.project2_tokenizer.tokenizer import BasicTokenizer, RegexTokenizer
@@ -65,16 +66,33 @@ def plot_token_lengths(tok: RegexTokenizer, path: Path) -> Path:
         plt.close(fig)
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def device_flag(text: str) -> str:
+    """--device is accepted like every script's, but BPE is integer bookkeeping: it always runs on the CPU."""
+    import argparse
+
+    if text.split(":")[0] not in DEVICES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DEVICES)}, got '{text}'")
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     TokenizerConfig.add_args(p, default_preset="cpu")
     p.add_argument("--seed", type=int, default=1337, help="recorded for completeness; BPE training is deterministic")
-    p.add_argument("--device", default="cpu", help="accepted for uniformity; tokenizer training always runs on CPU")
+    p.add_argument("--device", type=device_flag, default="cpu",
+                   help="accepted for uniformity; tokenizer training always runs on the CPU")
     args = p.parse_args(argv)
     cfg = TokenizerConfig.from_args(args)
+    out = repo_path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CourseError(f"--out_dir {out} is an existing file, not a folder; pick another path")
+    if args.device not in ("auto", "cpu"):
+        warn(f"--device {args.device}: tokenizer training runs on the CPU (BPE is counting, not tensor math)")
     cfg.print_config()
     set_seed(args.seed)
-    out = repo_path(cfg.out_dir)
 
     # ---- data -------------------------------------------------------------------------------
     train_books = read_gutenberg(cfg.data_dir, "train", cfg.heldout_every)
@@ -88,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
             budget -= len(kept[-1].encode("utf-8"))
         train_books = kept
     train_mb = sum(len(b.encode("utf-8")) for b in train_books) / 1e6
+    if train_mb == 0:
+        raise CourseError(f"no training text in {cfg.data_dir} ({len(train_books)} training book(s), all empty or "
+                          f"held out with heldout_every={cfg.heldout_every}); add books or pass --heldout_every=0")
     print(f"training text: {len(train_books)} books, {train_mb:.1f} MB; held out: {len(held_books)} books")
 
     # ---- train ------------------------------------------------------------------------------
@@ -112,9 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_sets = {}
     if held_books:
         eval_sets["held-out books"] = held_books
-    wiki = WIKITEXT2_DIR / "wiki.test.raw"
-    if wiki.is_file():
-        eval_sets["WikiText-2 test"] = [wiki.read_text(encoding="utf-8")]
+    if (WIKITEXT2_DIR / "wiki.test.raw").is_file():
+        eval_sets["WikiText-2 test"] = [read_wikitext2("test")]
     gpt2 = None
     if (GPT2_DIR / "encoder.json").is_file() and (GPT2_DIR / "vocab.bpe").is_file():
         gpt2 = load_gpt2(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
