@@ -26,16 +26,15 @@ class GenerateConfig(BaseConfig):
     system: str = ""              # optional system message for --chat
     max_new_tokens: int = 0       # 0 = up to 256, as many as fit in the context; an explicit N must fit
     temperature: float = 0.0      # 0 = greedy (argmax)
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # 1.0 = off
-    min_p: float = 0.0            # 0 = off
+    top_k: int | None = None      # None = off (keep the k most likely tokens)
+    top_p: float | None = None    # None = off (keep the smallest set of tokens with this much probability)
+    min_p: float | None = None    # None = off (drop tokens below min_p x the top probability)
     repetition_penalty: float = 1.0  # 1.0 = off
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
     max_len: int = 0              # KV cache length; 0 = the model's context window
-    fast_kernels: bool = True     # CPU fp32: the decode kernels of cpu_kernels.py (False = PyTorch's defaults)
-    compile: str = "auto"         # ... compiled by torch.compile: auto (models >= 16 MiB) | true | false
+    compile: bool | None = None   # the compiled decode step (fast_decode.py, CPU fp32): None = auto (>= 16 MiB of weights)
 
     PRESETS: ClassVar[dict] = {
         "cpu": dict(device="cpu", dtype="float32"),
@@ -43,19 +42,14 @@ class GenerateConfig(BaseConfig):
     }
 
     def sampling(self) -> SamplingParams:
-        """The sampling pipeline's settings (0 switches top_k / min_p off)."""
-        return SamplingParams(self.temperature, self.top_k or None, self.top_p, self.min_p or None,
-                              self.repetition_penalty)
-
-    def compile_choice(self) -> bool | None:
-        return {"auto": None, "true": True, "false": False}.get(self.compile)
+        """The sampling pipeline's settings."""
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
     def check(self) -> list[str]:
         errors = super().check()
         if self.max_new_tokens < 0:
             errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 0 (0 = as many as fit, up to 256)")
         self.check_choice(errors, "dtype", DTYPES)
-        self.check_choice(errors, "compile", ("auto", "true", "false"))
         errors += self.sampling().problems()
         if self.max_len < 0:
             errors.append(f"max_len ({self.max_len}) must be >= 0 (0 = the model's context window)")

@@ -14,39 +14,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from datetime import datetime
 
 import torch
 
 from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
+from phase1_foundation.project2_tokenizer.chat_template import render_chat
 from phase1_foundation.project3_pretrain.loading import load_model, load_tokenizer_for
+from phase3_core_inference.project8_kv_cache import fast_decode
 from phase3_core_inference.project8_kv_cache.config import GenerateConfig
 from phase3_core_inference.project8_kv_cache.engine import Engine, TextStream
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
-
-
-# ---- chat templates -------------------------------------------------------------------------------
-def render_chat(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face chat template (Jinja) the way transformers' apply_chat_template does."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise CourseError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = lambda x, indent=None, **_: __import__("json").dumps(x, ensure_ascii=False, indent=indent)
-    inv = {v: k for k, v in tokenizer.special_tokens.items()}
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=inv.get(tokenizer.bos_id, ""), eos_token=inv.get(tokenizer.eos_id, ""))
-    except jinja2.TemplateError as e:
-        raise CourseError(f"could not render the chat template ({type(e).__name__}: {e})") from None
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -108,7 +86,8 @@ def chat_loop(engine: Engine, tokenizer, cfg: GenerateConfig, params: SamplingPa
             print("[new conversation]", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        text = render_chat(tokenizer.chat_template, messages, tokenizer)
+        text = render_chat(tokenizer.chat_template, messages, bos_token=tokenizer.bos_token,
+                           eos_token=tokenizer.eos_token)
         ids = tokenizer.encode(text, bos=False, allowed_special="all")
         try:
             reply, _ = stream(engine, tokenizer, ids, cfg, params, gen, reuse_cache=True, stop=stop)
@@ -135,15 +114,17 @@ def main() -> None:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size}; "
                           "pass the tokenizer that belongs to this model with --tokenizer")
     max_len = min(cfg.max_len or mcfg.block_size, mcfg.block_size)
-    t0 = time.perf_counter()
-    engine = Engine(loaded.model, max_len=max_len, fast_kernels=cfg.fast_kernels, compile=cfg.compile_choice())
-    kernels = engine.kernels + (f" ({time.perf_counter() - t0:.1f} s to compile)" if engine.kernels == "compiled" else "")
+    step, kernels = None, "eager"
+    if fast_decode.wanted(loaded.model, cfg.compile):  # the compiled step: --compile, or models >= 16 MiB
+        step = fast_decode.FastDecoder(loaded.model, max_len)
+        kernels = f"compiled ({step.compile_s:.1f} s to compile)"
+    engine = Engine(loaded.model, max_len=max_len, step=step)
     params = cfg.sampling().check()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     n = loaded.model.num_params()
     print(f"[{loaded.kind} model {loaded.path} ({n / 1e6:.2f}M params, {mcfg.n_layer} layers, "
           f"{mcfg.n_head}/{mcfg.n_kv_head} q/kv heads, context {mcfg.block_size}) on {device}, {cfg.dtype}; "
-          f"tokenizer {tokenizer.name}; decode kernels: {kernels}]", file=sys.stderr)
+          f"tokenizer {tokenizer.name}; decode step: {kernels}]", file=sys.stderr)
     stop = stop_ids(tokenizer, loaded.kind)
     if cfg.chat:
         chat_loop(engine, tokenizer, cfg, params, gen, stop)
