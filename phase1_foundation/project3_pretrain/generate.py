@@ -6,7 +6,7 @@
 
 Sampling is project 1's (stream_tokens + sampling.sample_next_token: temperature, top-k, top-p; temperature 0
 is greedy); this file only adds the BPE tokenizer and streaming of multi-byte characters. No KV cache: each
-token re-runs the whole context (project 8 adds the cache through Llama's kv_cache/start_pos arguments).
+token re-runs the whole context (project 8 adds the cache through Llama's kv_cache argument).
 """
 
 from __future__ import annotations
