@@ -16,7 +16,7 @@ from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer
 from phase1_foundation.project3_pretrain.testing import tiny_llama
 from phase2_finetuning.project4_sft import conversations as conv
-from phase2_finetuning.project4_sft.masking import IGNORE, collate, encode_chat, encode_chats, render
+from phase2_finetuning.project4_sft.masking import IGNORE, collate, encode_chat, encode_chats, encode_prompt, render
 from phase2_finetuning.project4_sft.packing import collate_packed, pack, packed_forward, positions_and_mask
 from phase2_finetuning.project4_sft.special_tokens import (CHATML_TEMPLATE, IM_END, IM_START, add_special_tokens,
                                                            load_chat_format, resize_embeddings, save_chat_format)
@@ -157,6 +157,20 @@ def test_truncation_is_counted_and_bad_chats_are_one_clear_error(tok):
         encode_chat(tok, "{% for m in messages %}{{ m.content }", short, end_token=IM_END)
     with pytest.raises(CourseError, match="does not close"):
         encode_chat(tok, "{% for m in messages %}{{ m.content }}{% endfor %}", short, end_token=IM_END)
+
+
+def test_encode_prompt_is_the_training_encoding_up_to_the_answer(tok):
+    rng = random.Random(11)
+    S = tok.special_tokens[IM_START]
+    for _ in range(20):
+        chat = random_chat(rng)
+        enc = encode_chat(tok, CHATML_TEMPLATE, chat, end_token=IM_END)
+        prompt = encode_prompt(tok, CHATML_TEMPLATE, chat[:-1], eos_token=IM_END)
+        # the prompt ends "<|im_start|>assistant\n"; training continues it with the answer's tokens
+        assert enc.ids[:len(prompt)] == prompt and prompt[-1 - len(tok.encode_ordinary("assistant\n"))] == S
+        assert enc.trained[len(prompt)] and not any(enc.trained[len(prompt) - 3:len(prompt)])
+    with pytest.raises(CourseError, match="end with a user message"):
+        encode_prompt(tok, CHATML_TEMPLATE, chat, eos_token=IM_END)
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def describe(m: dict) -> str:
 
 
 def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: dict | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, stop_at: int | None = None) -> dict:
+    """Fine-tune (or resume) and return the summary. `stop_at` pauses after that step with a checkpoint, as a
+    Ctrl-C at a step boundary would (the resume test: N steps + --resume equals one uninterrupted run)."""
     out_dir = repo_path(cfg.out_dir)
     state = None
     if resume:
@@ -183,6 +185,11 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
                 bar.write(f"iter {it}: train loss {acc:.4f}, held-out loss {hl:.4f}")
                 save({"train": acc, "heldout": hl})
             bar.update(1)
+            if stop_at is not None and it >= stop_at and it < cfg.max_iters:
+                bar.close()
+                log.close()
+                save({"train": acc})
+                return {"iters": it, "paused": True}
     except KeyboardInterrupt:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
