@@ -1,7 +1,8 @@
 """Hyperparameters of project 4: the fine-tuning run (`SFTConfig`) and the evaluation run (`EvalConfig`).
 
 SFTConfig presets:
-    cpu  our project 3 `cpu` model learns to chat: rasbt + Alpaca, a few hundred steps on 2 cores (fp32)
+    cpu  our project 3 `cpu` model learns to chat: the rasbt set (short answers, so most chats fit its
+         128-token context with their end token; the run prints how many were truncated), 300 steps (fp32)
     gpu  our project 3 `gpu` model: rasbt + Alpaca + oasst1 + GSM8K, bf16 autocast
     (SmolLM2's identity run is the `cpu` preset with --base pointing at its GGUF: see README.md)
 EvalConfig presets:
@@ -27,7 +28,7 @@ class SFTConfig(BaseConfig):
 
     base: str = "checkpoints/project3/cpu/ckpt.pt"  # our checkpoint .pt, an HF folder, or SmolLM2's .gguf
     tokenizer: str = ""            # "" = the one that comes with the base model
-    data: str = "rasbt,alpaca"     # comma-separated: alpaca, rasbt, oasst1, gsm8k, identity (NAME:PATH: a file)
+    data: str = "rasbt"            # comma-separated: alpaca, rasbt, oasst1, gsm8k, identity (NAME:PATH: a file)
     max_chats: int = 0             # per general dataset, after the held-out split (0 = all)
     identity_chats: int = 300      # generated identity conversations (when "identity" is in data)
     heldout: int = 50              # chats held out of each dataset (fixed by seed; never trained on)
@@ -45,7 +46,7 @@ class SFTConfig(BaseConfig):
     grad_clip: float = 1.0
     eval_interval: int = 100       # held-out assistant-token loss every this many steps
     log_interval: int = 10
-    gen_samples: int = 50          # held-out prompts answered before/after for the end-of-turn share
+    gen_samples: int = 50          # held-out prompts (and identity questions) answered before/after; 0 = none
     gen_budget: int = 96           # new tokens an answer may use to end its turn
     out_dir: str = "checkpoints/project4/cpu"
     device: str = "auto"

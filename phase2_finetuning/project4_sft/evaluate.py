@@ -20,6 +20,7 @@ import torch
 
 from course.device import get_device, set_seed
 from course.errors import run_cli
+from course.paths import repo_path
 from phase1_foundation.project3_pretrain.loading import load_model, load_tokenizer_for
 from phase2_finetuning.project4_sft.config import EvalConfig
 from phase2_finetuning.project4_sft.harness import tasks
@@ -27,7 +28,7 @@ from phase2_finetuning.project4_sft.harness.gsm8k import evaluate_gsm8k
 from phase2_finetuning.project4_sft.harness.humaneval import evaluate_humaneval
 from phase2_finetuning.project4_sft.harness.identity import identity_share
 from phase2_finetuning.project4_sft.identity import heldout_questions
-from phase2_finetuning.project4_sft.sft import load_chat_model
+from phase2_finetuning.project4_sft.sft import is_sft_dir, load_chat_model
 from phase2_finetuning.project4_sft.harness.multiple_choice import evaluate_multiple_choice
 from phase2_finetuning.project4_sft.harness.report import markdown_table, write_report
 
@@ -64,7 +65,8 @@ def main() -> None:
     set_seed(cfg.seed)
     device = get_device(cfg.device)
     fmt = None
-    if "identity" in cfg.task_list:  # needs the chat format: a fine-tuned model's, or the base's own
+    if "identity" in cfg.task_list or is_sft_dir(repo_path(cfg.model)):  # the chat format: a fine-tuned
+        # model's (train_sft.py's OUT_DIR), or the base's own
         cm = load_chat_model(cfg.model, device, cfg.tokenizer)
         model, tok, fmt = cm.model.to(dtype=DTYPES[cfg.dtype]).eval(), cm.tok, cm.fmt
     else:

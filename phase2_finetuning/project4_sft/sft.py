@@ -115,7 +115,7 @@ def load_sft_data(cfg: SFTConfig, seed: int) -> SFTData:
     for name, path in cfg.dataset_paths:
         if name == "identity":
             chats = identity_chats(cfg.identity_chats, seed)
-            questions = heldout_questions(50)
+            questions = heldout_questions(cfg.gen_samples)
             held[name] = identity_heldout_chats(questions, seed)
             lines.append(f"identity: {len(chats)} generated chats, {len(questions)} held-out questions "
                          "(phrased with other words)")

@@ -59,7 +59,7 @@ def measure(cm, cfg: SFTConfig, data, held_rows, pad: int, device) -> dict:
     if cfg.gen_samples:
         share, texts = end_of_turn_share(cm, data.heldout_chats, cfg.gen_budget, cfg.gen_samples)
         out.update(end_of_turn=share, example=texts[0][:200] if texts else "")
-    if data.identity_questions:
+    if data.identity_questions and cfg.gen_samples:
         out["identity"] = identity_share(cm.model, cm.tok, cm.fmt, data.identity_questions, cfg.gen_budget).accuracy
     return out
 
