@@ -41,7 +41,7 @@ def test_load_model_and_tokenizer_from_gguf(tiny_file):
 
 
 def test_chat_on_tiny_gguf_keeps_the_cache(monkeypatch, capsys, tiny_file):
-    out, err = run_generate(monkeypatch, capsys, ["--model", str(tiny_file), "--chat", "--max_new_tokens", "3",
+    _, err = run_generate(monkeypatch, capsys, ["--model", str(tiny_file), "--chat", "--max_new_tokens", "3",
                                                   "--temperature", "0"], "hi there\nand again\n")
     summaries = [line for line in err.splitlines() if "prompt tokens prefilled" in line]
     assert len(summaries) == 2 and "(0 reused" in summaries[0]
