@@ -21,11 +21,11 @@ import urllib.parse
 import zipfile
 from pathlib import Path
 
-from course.checkpoint import atomic_write
-from course.download import fetch_file, is_url, verify_file
 from course.errors import CourseError
 
 DATASETS = ("gutenberg", "wikitext2", "wikitext103", "gpt2_bpe")
+# course.download and course.checkpoint import torch: they are imported inside the functions that fetch,
+# so that `download_data.py --help` and a bad flag answer at once.
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "gutenberg_manifest.tsv"
 GUTENBERG_REPO = "https://raw.githubusercontent.com/rcdm-uga/Gutenberg_Text/a0b16d35a9851168ce9ac649851c17b7ab08d48e/"
@@ -45,6 +45,10 @@ GPT2_FILES = {  # the same hashes tiktoken pins in tiktoken_ext/openai_public.py
     "encoder.json": (1_042_301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
     "vocab.bpe": (456_318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
 }
+
+
+def is_url(text: str) -> bool:
+    return "://" in str(text)  # as course.download.is_url
 
 
 def _origin(source: str | None, name: str, default_url: str) -> tuple[str, str | None]:
@@ -67,9 +71,13 @@ def read_manifest() -> list[dict[str, str]]:
 def get_gutenberg(data_dir: Path, source: str | None, force: bool) -> None:
     """154 books. Local copies are the .txt.gz files (gz sha256 checked); downloads are the plain
     .txt blobs of the source repository (txt sha256 checked), gzipped here."""
+    from course.checkpoint import atomic_write
+    from course.download import fetch_file, verify_file
+
+    from tqdm import tqdm
+
     rows = read_manifest()
     dest_dir = data_dir / "gutenberg"
-    from tqdm import tqdm
     for row in tqdm(rows, desc="gutenberg", unit="book"):
         dest = dest_dir / row["file"]
         if dest.is_file() and not force:
@@ -92,6 +100,8 @@ def get_gutenberg(data_dir: Path, source: str | None, force: bool) -> None:
 
 
 def get_files(files: dict[str, tuple[int, str]], base_url: str, dest_dir: Path, source: str | None, force: bool) -> None:
+    from course.download import fetch_file
+
     for name, (size, sha) in files.items():
         url, local = _origin(source, name, base_url + name)
         path = fetch_file(dest_dir / name, url, source=local, sha256=sha, size=size, force=force)
@@ -99,6 +109,9 @@ def get_files(files: dict[str, tuple[int, str]], base_url: str, dest_dir: Path, 
 
 
 def get_wikitext103(data_dir: Path, source: str | None, force: bool) -> None:
+    from course.checkpoint import atomic_write
+    from course.download import fetch_file
+
     dest_dir = data_dir / "wikitext103"
     names = ["wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"]
     if all((dest_dir / n).is_file() for n in names) and not force:

@@ -23,13 +23,11 @@ from pathlib import Path
 from course.cli import ArgumentParser, out_dir, utf8_text
 from course.errors import run_cli
 from course.paths import repo_path
-from phase1_foundation.project2_tokenizer.data_sources import DATASETS, fetch
+from phase1_foundation.project2_tokenizer.data_sources import DATASETS, fetch, is_url
 
 
 def folder_or_url(text: str) -> str:
     """--source: an existing folder or an http(s) URL, checked before anything is fetched."""
-    from course.download import is_url
-
     text = utf8_text(text)
     if is_url(text):
         return text

@@ -19,7 +19,7 @@ import pytest
 import regex
 
 from course.errors import ConfigError, CourseError
-from course.paths import REPO_ROOT
+from course.paths import REPO_ROOT, repo_path
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
 from phase1_foundation.project2_tokenizer.formats import (
     export_readable, from_ranks, load_gpt2, load_ranks, load_tokenizer, save_ranks, save_tokenizer, tokenizer_state)
@@ -605,7 +605,6 @@ def show_tokens(tok, text: str, color: bool | None = None) -> str:
 
 def open_tokenizer(spec: str):
     """'gpt2' (data/gpt2_bpe/), or a saved .pkl / its folder; relative paths work from any directory."""
-    from course.paths import repo_path
     from phase1_foundation.project2_tokenizer.data import gpt2_files
 
     if spec == "gpt2":
@@ -653,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"a saved tokenizer .pkl (or its folder), or 'gpt2' for GPT-2's (data/gpt2_bpe/); "
                         f"default {DEFAULT_TOKENIZER}")
     args = p.parse_args(argv)
-    if args.tokenizer is None and not args.interactive and not (REPO_ROOT / DEFAULT_TOKENIZER).is_file():
+    if args.tokenizer is None and not args.interactive and not repo_path(DEFAULT_TOKENIZER).is_file():
         # the examples run before anything is trained: a small tokenizer trained here on this project's files
         tok, source = RegexTokenizer("gpt4", [ENDOFTEXT]).train(_fallback_corpus(), 600), \
             f"no {DEFAULT_TOKENIZER} yet (run train_tokenizer.py); a 600-id tokenizer trained on this project's files"

@@ -19,12 +19,9 @@ import resource
 import time
 from pathlib import Path
 
-from course.checkpoint import atomic_write, atomic_write_json
 from course.cli import ArgumentParser, warn
-from course.device import set_seed
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
-from course.plots import plot_curves
 from phase1_foundation.project2_tokenizer.config import TokenizerConfig
 from phase1_foundation.project2_tokenizer.data import GPT2_DIR, WIKITEXT2_DIR, read_gutenberg, read_wikitext2
 from phase1_foundation.project2_tokenizer.formats import (export_readable, from_ranks, load_gpt2, save_ranks,
@@ -51,7 +48,10 @@ def vocabulary_growth(tok: RegexTokenizer) -> str:
 
 
 def plot_token_lengths(tok: RegexTokenizer, path: Path) -> Path:
-    import matplotlib.pyplot as plt  # course.plots already selected the headless backend
+    import course.plots  # noqa: F401  (first: it selects matplotlib's headless backend)
+    import matplotlib.pyplot as plt
+
+    from course.checkpoint import atomic_write
     lengths = [len(b) for b in tok.vocab.values()]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ax.hist(lengths, bins=range(1, max(lengths) + 2), align="left", rwidth=0.85)
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device not in ("auto", "cpu"):
         warn(f"--device {args.device}: tokenizer training runs on the CPU (BPE is counting, not tensor math)")
     cfg.print_config()
-    set_seed(args.seed)
 
     # ---- data -------------------------------------------------------------------------------
     train_books = read_gutenberg(cfg.data_dir, "train", cfg.heldout_every)
@@ -110,6 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise CourseError(f"no training text in {cfg.data_dir} ({len(train_books)} training book(s), all empty or "
                           f"held out with heldout_every={cfg.heldout_every}); add books or pass --heldout_every=0")
     print(f"training text: {len(train_books)} books, {train_mb:.1f} MB; held out: {len(held_books)} books")
+    # Imported only now: torch and matplotlib take seconds, and --help, a bad flag or a bad book answer at once.
+    from course.checkpoint import atomic_write_json
+    from course.device import set_seed
+    from course.plots import plot_curves
+
+    set_seed(args.seed)
 
     # ---- train ------------------------------------------------------------------------------
     tok = RegexTokenizer(cfg.pattern, special_tokens=cfg.special_token_list())
