@@ -22,7 +22,6 @@ and the run ends with one line `done: ... val_bpb=... tokens_per_s=... mfu=...`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -34,6 +33,8 @@ import torch
 from tqdm import tqdm
 
 from course.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from course.cli import ArgumentParser
+from course.config import parse_configs
 from course.device import device_summary, get_device, set_seed
 from course.errors import ConfigError, CourseError, run_cli
 from course.paths import repo_path
@@ -260,35 +261,21 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    """The script's own flags; main() adds LlamaConfig's and TrainConfig's (one --preset, one flag per field)."""
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/ckpt.pt (its configs; training flags given here override)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
-    LlamaConfig.add_args(parser, default_preset="cpu")  # adds --preset (used for both configs)
-    _TrainArgs.add_args(parser)
     return parser
 
 
-@dataclasses.dataclass
-class _TrainArgs(TrainConfig):
-    PRESETS = {}  # --preset is added once, by LlamaConfig
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, dict]:
-    model_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-    given = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
-    mcfg = LlamaConfig.from_preset(args.preset, **{k: v for k, v in given.items() if k in model_fields})
-    train_over = {k: v for k, v in given.items() if k not in model_fields}
-    tcfg = TrainConfig.from_preset(args.preset, **train_over)
-    return mcfg.validate_config(), tcfg.validate_config(), train_over
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    mcfg, tcfg, train_over = configs_from_args(args)
+    args, mcfg, tcfg = parse_configs(build_parser(), LlamaConfig, TrainConfig, argv=argv, default_preset="cpu")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_over = {k: v for k, v in args.overrides.items() if k in train_fields}
     if not args.resume:
         mcfg.print_config(f"LlamaConfig (preset {args.preset})")
         tcfg.print_config(f"TrainConfig (preset {args.preset})")
