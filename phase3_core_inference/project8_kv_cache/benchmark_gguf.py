@@ -6,7 +6,7 @@ transformers (its GGUF loader + generate()), in one run, on the same file.
 
 Measured (fp32 weights after de-quantization, batch 1, 2 threads, greedy):
  1. load time: file -> model in eval mode, ours (load_model) vs transformers (from_pretrained(gguf_file=...)),
-    interleaved, best of --rounds; each also in a fresh process for its peak RSS (ru_maxrss, load + a short
+    interleaved, best of --rounds; each also in a fresh process for its peak RSS (VmHWM, load + a short
     generation), so one side's memory does not count against the other.
  2. decode tokens/s after a chat prompt (the file's template): ours plain (Engine's eager step), ours fast
     (fast_decode's compiled step), transformers generate(); decode tok/s = (N - 1) / (time(N new tokens) -
@@ -134,7 +134,18 @@ def rss_child(which: str, path: Path) -> None:
         ours_run(loaded.model, None, [1, 2, 3, 4], 16)
     else:
         hf_run(load_transformers(path), [1, 2, 3, 4], 16)
-    print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rss_mib": high_water_mib()}))
+
+
+def high_water_mib() -> float:
+    """This process's peak RSS. Linux's VmHWM starts afresh at exec; ru_maxrss does not (a child started from a
+    2 GB parent reports >= 2 GB), so it is only the fallback where /proc is missing."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(which: str, path: Path) -> float:
