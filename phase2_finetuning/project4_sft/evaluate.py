@@ -28,9 +28,9 @@ from phase2_finetuning.project4_sft.harness.gsm8k import evaluate_gsm8k
 from phase2_finetuning.project4_sft.harness.humaneval import evaluate_humaneval
 from phase2_finetuning.project4_sft.harness.identity import identity_share
 from phase2_finetuning.project4_sft.identity import heldout_questions
-from phase2_finetuning.project4_sft.sft import is_sft_dir, load_chat_model
 from phase2_finetuning.project4_sft.harness.multiple_choice import evaluate_multiple_choice
 from phase2_finetuning.project4_sft.harness.report import markdown_table, write_report
+from phase2_finetuning.project4_sft.sft import is_sft_dir, load_chat_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
