@@ -193,3 +193,15 @@ def test_make_identity_writes_the_files(tmp_path):
     assert [json.loads(x) for x in lines] == identity_chats(7, 1337)
     assert len((tmp_path / "identity_heldout.jsonl").read_text().splitlines()) == 5
     assert "expected an integer > 0" in one_line_error(make_identity.main, ["--n=0"])
+
+
+def test_evaluate_runs_the_identity_task_on_a_fine_tuned_model(trained):
+    from phase2_finetuning.project4_sft import evaluate
+    from phase2_finetuning.project4_sft.config import EvalConfig
+
+    out, _ = trained
+    cm = load_chat_model(str(out / "ckpt.pt"))
+    res = evaluate.run_task("identity", cm.model, cm.tok, EvalConfig(tasks="identity", gen_limit=3, max_new_tokens=6),
+                            cm.fmt)
+    assert res.task == "identity" and res.n == 3 and res.accuracy == 0.0
+    assert [a["question"] for a in res.extra["answers"]] == heldout_questions(3)
