@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from course.config import BaseConfig
+from course.interactive import is_utf8
 from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -24,7 +25,7 @@ class GenerateConfig(BaseConfig):
     interactive: bool = False     # read prompts from stdin, one per line
     chat: bool = False            # apply the chat template; keep the KV cache across turns
     system: str = ""              # optional system message for --chat
-    max_new_tokens: int = 0       # 0 = up to 256, as many as fit in the context; an explicit N must fit
+    max_new_tokens: int | None = None  # None = as many as fit in the context, up to 256; an explicit N >= 1 must fit
     temperature: float = 0.0      # 0 = greedy (argmax)
     top_k: int | None = None      # None = off (keep the k most likely tokens)
     top_p: float | None = None    # None = off (keep the smallest set of tokens with this much probability)
@@ -33,7 +34,7 @@ class GenerateConfig(BaseConfig):
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
-    max_len: int = 0              # KV cache length; 0 = the model's context window
+    max_len: int | None = None    # KV cache length; None = the model's context window
     compile: bool | None = None   # the compiled decode step (fast_decode.py, CPU fp32): None = auto (>= 16 MiB of weights)
 
     PRESETS: ClassVar[dict] = {
@@ -47,12 +48,16 @@ class GenerateConfig(BaseConfig):
 
     def check(self) -> list[str]:
         errors = super().check()
-        if self.max_new_tokens < 0:
-            errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 0 (0 = as many as fit, up to 256)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens ({self.max_new_tokens}) must be >= 1; leave the flag out for as many "
+                          "as fit in the context, up to 256")
         self.check_choice(errors, "dtype", DTYPES)
         errors += self.sampling().problems()
-        if self.max_len < 0:
-            errors.append(f"max_len ({self.max_len}) must be >= 0 (0 = the model's context window)")
+        if self.max_len is not None and self.max_len < 1:
+            errors.append(f"max_len ({self.max_len}) must be >= 1; leave the flag out for the model's context window")
+        for name in ("prompt", "system"):  # bytes that are not UTF-8 arrive as lone surrogates and cannot be encoded
+            if not is_utf8(getattr(self, name)):
+                errors.append(f"--{name} is not valid UTF-8 text; pass plain UTF-8 characters")
         if self.chat and self.prompt:
             errors.append("--chat is interactive; drop --prompt")
         return errors
