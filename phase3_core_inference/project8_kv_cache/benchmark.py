@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from course.bench import Bandwidth, best_of, timed
+from course.cli import ArgumentParser, nonneg_int, out_dir, positive_int
 from course.device import machine_summary, set_seed
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
@@ -265,38 +266,63 @@ def markdown(cache_rows, hf_rows, bw, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def comma_list(choices: tuple[str, ...]):
+    """An argparse type: a comma list of names out of `choices` (one line naming the bad one otherwise)."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in names if x not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(choices)}, got '{text}'")
+        return names
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: a comma list of integers > 0, e.g. 128,512,1024."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers > 0, got '{text}'")
+    return values
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and lengths: a smoke test, not the numbers")
-    parser.add_argument("--parts", default="cache,hf", help="comma list of: cache, hf")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of: {', '.join(SHAPES)}")
-    parser.add_argument("--new_tokens", default="128,512,1024", help="lengths for the cache speedup")
-    parser.add_argument("--new_tokens_hf", type=int, default=128)
-    parser.add_argument("--prompt_len", type=int, default=32)
-    parser.add_argument("--floor_tokens", type=int, default=24, help="decode steps paired with bandwidth samples")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--out_dir", default=str(OUT))
+    parser.add_argument("--parts", type=comma_list(("cache", "hf")), default=["cache", "hf"],
+                        help="comma list of: cache, hf (default: both)")
+    parser.add_argument("--shapes", type=comma_list(tuple(SHAPES)), default=list(SHAPES),
+                        help=f"comma list of: {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--new_tokens", type=positive_ints, default=[128, 512, 1024],
+                        help="lengths for the cache speedup (default: 128,512,1024)")
+    parser.add_argument("--new_tokens_hf", type=positive_int, default=128,
+                        help="decode length beside transformers, >= 2 (default: %(default)s)")
+    parser.add_argument("--prompt_len", type=positive_int, default=32, help="default: %(default)s")
+    parser.add_argument("--floor_tokens", type=positive_int, default=24,
+                        help="decode steps paired with bandwidth samples (default: %(default)s)")
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--out_dir", type=out_dir, default=OUT, help="default: %(default)s")
     parser.add_argument("--machine", default=None, help="machine description for the table (default: detected)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="only cpu is measured here (the claims are CPU claims)")
     parser.add_argument("--check", action="store_true", help="also print the project's quality bar: met / MISSED")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)  # every flag checked before anything is built or timed
     if args.device != "cpu":
         raise CourseError("benchmark.py measures CPU decoding only; use --device cpu")
+    if args.new_tokens_hf < 2:  # decode tok/s is (N - 1) / (t(N) - t(1))
+        raise CourseError(f"--new_tokens_hf ({args.new_tokens_hf}) must be >= 2: decode speed is measured "
+                          "over the tokens after the first")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.floor_tokens < 1:
-        raise CourseError(f"--floor_tokens ({args.floor_tokens}) must be >= 1")
-    parts = set(args.parts.split(","))
-    if parts - {"cache", "hf"}:
-        raise CourseError(f"unknown --parts {sorted(parts - {'cache', 'hf'})}; use cache and/or hf")
-    new_tokens = [int(x) for x in args.new_tokens.split(",")]
-    shapes = QUICK_SHAPES if args.quick else {}
-    if not args.quick:
-        for s in args.shapes.split(","):
-            if s not in SHAPES:
-                raise CourseError(f"unknown shape '{s}'; choose from {', '.join(SHAPES)}")
-            shapes[s] = SHAPES[s]
+    parts = set(args.parts)
+    new_tokens = args.new_tokens
+    shapes = QUICK_SHAPES if args.quick else {s: SHAPES[s] for s in args.shapes}
     if args.quick:
         new_tokens, args.new_tokens_hf = [16, 32], 16
     out = Path(args.out_dir)

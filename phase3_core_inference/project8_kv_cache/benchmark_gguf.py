@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from course.bench import markdown_table, timed
+from course.cli import ArgumentParser, nonneg_int, positive_int
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.chat_template import render_chat
@@ -163,20 +164,19 @@ def note(what: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the GGUF file")
-    p.add_argument("--new_tokens", type=int, default=128, help="decode length after the chat prompt")
-    p.add_argument("--rounds", type=int, default=3, help="best of this many interleaved rounds")
-    p.add_argument("--window", type=int, default=1024, help="perplexity window (tokens of context)")
-    p.add_argument("--ppl_tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
-    p.add_argument("--ppl_batch", type=int, default=2, help="windows per forward in the perplexity pass")
+    p.add_argument("--new_tokens", type=positive_int, default=128, help="decode length after the chat prompt")
+    p.add_argument("--rounds", type=positive_int, default=3, help="best of this many interleaved rounds")
+    p.add_argument("--window", type=positive_int, default=1024, help="perplexity window (tokens of context)")
+    p.add_argument("--ppl_tokens", type=nonneg_int, default=0, help="score only the first N tokens (0 = all)")
+    p.add_argument("--ppl_batch", type=positive_int, default=2, help="windows per forward in the perplexity pass")
     p.add_argument("--skip_ppl", action="store_true", help="no perplexity pass")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the course machine has 2 cores)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (the course machine has 2 cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 new tokens, 1 round, 4 windows of 128")
     p.add_argument("--rss_child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     path = Path(args.model)
     if not path.is_file():
         raise CourseError(f"{path} not found; {IMPORT_HINT}")

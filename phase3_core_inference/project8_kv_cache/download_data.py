@@ -9,9 +9,9 @@ Files land in data/stories260k/ and are checked by size and sha256 before they a
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from course.cli import ArgumentParser, out_dir
 from course.download import fetch_file
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
@@ -24,13 +24,13 @@ FILES = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--source", default=None,
                         help="a local folder (or base URL) holding stories260K.bin and tok512.bin")
-    parser.add_argument("--dest", default=str(DEST), help=f"where to put the files (default {DEST})")
+    parser.add_argument("--dest", type=out_dir, default=DEST, help=f"where to put the files (default {DEST})")
     parser.add_argument("--force", action="store_true", help="fetch again even if the files are there and valid")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dest = Path(args.dest)
     for name, (size, sha) in FILES.items():
         source = None

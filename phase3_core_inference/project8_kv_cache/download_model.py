@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from course.cli import ArgumentParser
+from course.cli import ArgumentParser, out_dir
 from course.download import fetch_file, sha256_file
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
@@ -52,6 +52,8 @@ def get_hf_folder(repo: str, dest: Path, source: str | None = None) -> Path:
     """The model's Hugging Face folder into dest/, from a local folder or the hub (huggingface_hub)."""
     if source is not None:
         src = Path(source).expanduser()
+        if not src.exists():
+            raise CourseError(f"--source not found: {src} (a local .gguf file or Hugging Face folder)")
         if not (src / "config.json").is_file():
             raise CourseError(f"--source {src} is not a Hugging Face model folder (no config.json)")
         dest.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ def get_hf_folder(repo: str, dest: Path, source: str | None = None) -> Path:
     return dest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--format", choices=("hf", "gguf"), default=None,
                    help="hf: the official safetensors folder (default); gguf: one GGUF file")
@@ -79,9 +81,9 @@ def main() -> None:
     p.add_argument("--gguf_repo", default=GGUF_REPO, help=f"HF repo of the GGUF file (default {GGUF_REPO})")
     p.add_argument("--gguf_file", default=GGUF_FILE, help=f"GGUF file name in that repo (default {GGUF_FILE})")
     p.add_argument("--source", default=None, help="a local .gguf file, a local HF folder, or a URL")
-    p.add_argument("--dest", default=str(DEST), help=f"where to put the files (default {DEST})")
+    p.add_argument("--dest", type=out_dir, default=DEST, help=f"where to put the files (default {DEST})")
     p.add_argument("--force", action="store_true", help="fetch again even if the file is there and valid")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dest = Path(args.dest)
     fmt = args.format or ("gguf" if args.source and (args.source.endswith(".gguf")) else "hf")
     if fmt == "gguf":
