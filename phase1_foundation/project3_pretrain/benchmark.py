@@ -12,15 +12,15 @@ dense bf16 peak. Run it alone on the machine (`flock -x /tmp/cpu.lock ...` here)
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from course.device import device_summary, get_device, set_seed
 from course.checkpoint import load_checkpoint
+from course.cli import ArgumentParser, positive_int, warn_if_gpu_preset_without_gpu
+from course.device import device_summary, get_device, set_seed
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
@@ -106,18 +106,22 @@ def compare(out_png: Path, peak: float | None) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--what", choices=["peak", "throughput", "compare", "all"], default="all")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--batch_size", type=int, default=None, help="default 16 (cpu) / 16 (gpu)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="default 16 (cpu) / 16 (gpu)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--compile", action="store_true", help="torch.compile (default on for cuda)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="checkpoints/project3/benchmark.json", help="results JSON")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    out = repo_path(args.out)
+    if out.is_dir():
+        raise CourseError(f"--out {out} is a folder; pass a .json file path")
+    warn_if_gpu_preset_without_gpu(args.preset, args.device)
     torch.set_num_threads(args.threads)
     dev = get_device(args.device)
     results: dict = {"device": device_summary(dev), "torch": torch.__version__}
@@ -151,7 +155,6 @@ def main() -> None:
             if args.what == "compare":
                 raise
             print(f"compare skipped: {e}")
-    out = repo_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     tp = results.get("throughput", [{}])[0]

@@ -18,9 +18,9 @@ checks apply. This is a thin wrapper: the download code lives once, in project 2
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from course.cli import ArgumentParser, out_dir as out_dir_type
 from course.errors import CourseError, run_cli
 from phase1_foundation.project2_tokenizer.data_sources import (GPT2_BASE, GPT2_FILES, WIKITEXT2_BASE, WIKITEXT2_FILES,
                                                                get_files, get_gutenberg, get_wikitext103)
@@ -39,17 +39,17 @@ def fetch(dataset: str, data_dir: Path, source: str | None, force: bool = False)
         get_files(GPT2_FILES, GPT2_BASE, data_dir / "gpt2_bpe", source, force)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--dataset", choices=DATASETS + ("all",), default="all",
                    help="what to fetch (default all = gutenberg + wikitext2, what the cpu runs need)")
     p.add_argument("--source", default=None,
                    help="a local folder holding the dataset's files, or a base URL (default: the public URL)")
-    p.add_argument("--data_dir", default="data", help="where data/ is (default: data)")
+    p.add_argument("--data_dir", type=out_dir_type, default=Path("data"), help="where data/ is (default: data)")
     p.add_argument("--force", action="store_true", help="fetch again even if a verified copy is present")
     p.add_argument("--seed", type=int, default=0, help="unused (downloads are deterministic)")
     p.add_argument("--device", default="cpu", help="unused")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.source and args.dataset == "all":
         raise CourseError("--source points at one dataset's files: add --dataset gutenberg|wikitext2|wikitext103|gpt2_bpe")
     names = ("gutenberg", "wikitext2") if args.dataset == "all" else (args.dataset,)

@@ -8,11 +8,11 @@ The method (bits per byte: Radford et al., 2019; Gao et al., 2020; non-overlappi
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
+from course.cli import ArgumentParser, existing_file, positive_int
 from course.device import get_device
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
@@ -20,20 +20,27 @@ from phase1_foundation.project3_pretrain.data import TokenData
 from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
 from phase1_foundation.project3_pretrain.perplexity import evaluate_ids, read_text
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help=f"train.py checkpoint (default {DEFAULT_CKPT.name} of the cpu run)")
-    p.add_argument("--hf_dir", default=None, help="evaluate a Hugging Face LLaMA folder instead")
-    p.add_argument("--tokenizer", default=None, help="tokenizer .pkl (default: the one the data was prepared with)")
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
+    model_group = p.add_mutually_exclusive_group()
+    model_group.add_argument("--ckpt", default=None,
+                             help=f"train.py checkpoint (default {DEFAULT_CKPT.name} of the cpu run)")
+    model_group.add_argument("--hf_dir", default=None, help="evaluate a Hugging Face LLaMA folder instead")
+    p.add_argument("--tokenizer", type=existing_file, default=None,
+                   help="tokenizer .pkl (default: the one the data was prepared with)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--text_file", help="any UTF-8 text file (.gz too); CRLF -> LF, Gutenberg boilerplate cut")
+    group.add_argument("--text_file", type=Path,
+                       help="any UTF-8 text file (.gz too); CRLF -> LF, Gutenberg boilerplate cut")
     group.add_argument("--split", choices=["train", "val"], help="a shard prepared by prepare_data.py")
     p.add_argument("--data_dir", default="data/project3", help="where prepare_data.py wrote the shards")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="windows per forward pass")
+    p.add_argument("--max_tokens", type=positive_int, default=None,
+                   help="score only the first N tokens (default: all)")
     p.add_argument("--seed", type=int, default=0, help="unused: evaluation is deterministic")
     p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    text = read_text(args.text_file) if args.text_file else None  # a bad file fails before the model loads
     dev = get_device(args.device)
     model, stored_tok = load_any(args.ckpt, args.hf_dir, dev)
     if args.split:
@@ -44,7 +51,6 @@ def main() -> None:
     else:
         tok = load_matching_tokenizer(Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER),
                                       model)
-        text = read_text(Path(args.text_file))
         ids, n_bytes, what = np.asarray(tok.encode_ordinary(text)), len(text.encode("utf-8")), args.text_file
     r = evaluate_ids(model, ids, n_bytes, args.batch_size, args.max_tokens)
     print(f"{what}: {r['tokens']:,} tokens scored, {r['bytes']:,} bytes")

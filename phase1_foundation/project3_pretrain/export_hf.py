@@ -9,11 +9,11 @@ it with transformers' LlamaForCausalLM and compares the logits and a greedy cont
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from course.cli import ArgumentParser, existing_file, out_dir as out_dir_type, positive_int, utf8_text
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from phase1_foundation.project3_pretrain.generation import generate_ids
@@ -22,17 +22,19 @@ from phase1_foundation.project3_pretrain.loading import DEFAULT_TOKENIZER, load_
 from phase1_foundation.project3_pretrain.model import Llama
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", default="checkpoints/project3/cpu/ckpt.pt", help="train.py checkpoint")
-    p.add_argument("--out_dir", default="checkpoints/project3/hf", help="folder to write")
-    p.add_argument("--tokenizer", default=None, help="tokenizer .pkl to copy in (default: the training one)")
-    p.add_argument("--prompt", default="It was a dark and stormy night", help="prompt for the greedy check")
-    p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--out_dir", type=out_dir_type, default=Path("checkpoints/project3/hf"), help="folder to write")
+    p.add_argument("--tokenizer", type=existing_file, default=None,
+                   help="tokenizer .pkl to copy in (default: the training one)")
+    p.add_argument("--prompt", type=utf8_text, default="It was a dark and stormy night",
+                   help="prompt for the greedy check")
+    p.add_argument("--max_new_tokens", type=positive_int, default=40, help="tokens of the greedy check")
     p.add_argument("--no_check", action="store_true", help="export only (no transformers needed)")
     p.add_argument("--seed", type=int, default=0, help="unused: export and greedy decoding are deterministic")
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model, stored_tok = load_any(args.ckpt, None, torch.device("cpu"))
     if not isinstance(model, Llama):
         raise CourseError(f"{args.ckpt} holds a {type(model).__name__}; only the LLaMA architecture exports to HF")

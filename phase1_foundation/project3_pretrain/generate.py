@@ -11,7 +11,6 @@ token re-runs the whole context (project 8 adds the cache through Llama's kv_cac
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from course.cli import ArgumentParser, existing_file, float_in, nonneg_float, positive_int, utf8_text
 from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
@@ -26,22 +26,25 @@ from phase1_foundation.project1_minimal_gpt.sampling import stream_tokens
 from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help=f"train.py checkpoint (default {DEFAULT_CKPT.relative_to(REPO_ROOT)})")
-    p.add_argument("--hf_dir", default=None, help="load a Hugging Face LLaMA folder instead of --ckpt")
-    p.add_argument("--tokenizer", default=None, help="tokenizer .pkl (default: the one the data was prepared with)")
-    p.add_argument("--prompt", default="The ", help="text to continue")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_samples", type=int, default=1)
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__)
+    model_group = p.add_mutually_exclusive_group()
+    model_group.add_argument("--ckpt", default=None,
+                             help=f"train.py checkpoint (default {DEFAULT_CKPT.relative_to(REPO_ROOT)})")
+    model_group.add_argument("--hf_dir", default=None, help="load a Hugging Face LLaMA folder instead of --ckpt")
+    p.add_argument("--tokenizer", type=existing_file, default=None,
+                   help="tokenizer .pkl (default: the one the data was prepared with)")
+    p.add_argument("--prompt", type=utf8_text, default="The ", help="text to continue")
+    p.add_argument("--max_new_tokens", type=positive_int, default=None,
+                   help="tokens to add to each sample (default: until the end-of-text token or block_size)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=positive_int, default=None, help="keep the k most likely tokens (default: off)")
+    p.add_argument("--top_p", type=float_in(0.0, 1.0, lo_open=True), default=None,
+                   help="nucleus sampling: keep the smallest set with this much probability (default: off)")
+    p.add_argument("--num_samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
-    args = p.parse_args()
-    if args.max_new_tokens <= 0:
-        raise CourseError(f"--max_new_tokens ({args.max_new_tokens}) must be > 0")
+    args = p.parse_args(argv)
     dev = get_device(args.device)
     set_seed(args.seed)
     model, stored_tok = load_any(args.ckpt, args.hf_dir, dev)
@@ -49,6 +52,8 @@ def main() -> None:
     ids = tok.encode(args.prompt, allowed_special="all")
     if not ids:
         raise CourseError("the prompt is empty; give at least one character")
+    # absent --max_new_tokens: up to the context (one block), ended early by the end-of-text token
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else model.config.block_size
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     n_total, t0 = 0, time.perf_counter()
     for s in range(args.num_samples):
@@ -56,7 +61,7 @@ def main() -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sys.stdout.write(args.prompt)
         with torch.inference_mode():
-            for t in stream_tokens(model, idx, args.max_new_tokens, model.config.block_size, args.temperature,
+            for t in stream_tokens(model, idx, max_new, model.config.block_size, args.temperature,
                                    args.top_k, args.top_p, gen):
                 n_total += 1
                 if t == tok.eot_token:

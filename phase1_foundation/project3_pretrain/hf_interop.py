@@ -105,7 +105,7 @@ def llama_config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
         n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head,
         n_embd=hf["hidden_size"],
-        head_dim=0 if head_dim * n_head == hf["hidden_size"] else head_dim,
+        head_dim=None if head_dim * n_head == hf["hidden_size"] else head_dim,
         intermediate_size=hf["intermediate_size"],
         rope_theta=theta,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),

@@ -169,6 +169,22 @@ def _load_ours(path: Path) -> tuple[Llama, Path | None]:
     return model, tokenizer
 
 
+MODEL_SUFFIXES = (".pt", ".bin", ".gguf", ".safetensors", ".pkl", ".json")
+_MAKE_HINT = {
+    ".pt": f"train a checkpoint with: {TRAIN_CMD}",
+    ".bin": "pass an existing llama2.c .bin (project 8's download_data.py fetches stories260K and stories15M)",
+    ".gguf": "pass the path of an existing .gguf file",
+    "": "pass an existing checkpoint .pt, llama2.c .bin, .gguf file or Hugging Face folder, or a hub id like "
+        "owner/name",
+}
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that names a local file: a model suffix, a leading ./ ../ / ~, or more than one slash."""
+    return (Path(spec).suffix.lower() in MODEL_SUFFIXES or spec.startswith((".", "/", "~"))
+            or spec.count("/") > 1 or "\\" in spec)
+
+
 def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
     """A checkpoint .pt, an HF folder, a llama2.c .bin or a hub id -> Loaded (model in eval mode on device)."""
     path = repo_path(spec)
@@ -190,7 +206,10 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
         else:
             raise CourseError(f"unknown model format: {path} (expected a checkpoint .pt, a llama2.c .bin, "
                               "a .gguf file, a Hugging Face folder or a hub id)")
-    elif HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    elif _looks_like_path(spec):
+        # a missing local file must not turn into a hub download attempt (`missing/model.pt` matches owner/name)
+        raise CourseError(f"model not found: {path}; {_MAKE_HINT.get(Path(spec).suffix, _MAKE_HINT[''])}")
+    elif HUB_ID.match(spec):
         folder = hub_download(spec)
         loaded = Loaded(import_hf(folder), "hf", folder, folder)
     else:

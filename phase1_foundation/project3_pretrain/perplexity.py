@@ -11,7 +11,6 @@ context; a sliding window with overlap would score a little better and cost bloc
 
 from __future__ import annotations
 
-import gzip
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from course.cli import read_text_file
 from course.errors import CourseError
 from phase1_foundation.project2_tokenizer.data import strip_gutenberg
 
@@ -31,6 +31,10 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, n_bytes: int, batch_si
                  max_tokens: int | None = None, progress: bool = True) -> dict:
     """Score a token stream; returns loss (nats/token), perplexity, bits per byte and the counts used."""
     T = model.config.block_size
+    if max_tokens is not None and max_tokens < 1:
+        raise CourseError(f"max_tokens ({max_tokens}) must be >= 1 (None = the whole text)")
+    if batch_size < 1:
+        raise CourseError(f"batch_size ({batch_size}) must be >= 1")
     if max_tokens and len(ids) > max_tokens + 1:
         n_bytes = round(n_bytes * max_tokens / (len(ids) - 1))  # prorate: the same share of the text
         ids = ids[:max_tokens + 1]
@@ -55,14 +59,12 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, n_bytes: int, batch_si
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file (.gz too) as evaluate.py scores it: CRLF -> LF, Gutenberg boilerplate cut."""
-    if not path.is_file():
-        raise CourseError(f"text file not found: {path}")
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CourseError(f"{path} is not UTF-8 text ({e})") from None
-    return strip_gutenberg(text) if "PROJECT GUTENBERG" in text[:5000].upper() else text.replace("\r\n", "\n")
+    """A UTF-8 text file (.gz too) as evaluate.py scores it: CRLF -> LF, Gutenberg boilerplate cut.
+
+    Every way the file can be unreadable (missing, a folder, empty, not UTF-8, a corrupt .gz) is one CourseError.
+    """
+    text = read_text_file(path, "text file")
+    text = strip_gutenberg(text) if "PROJECT GUTENBERG" in text[:5000].upper() else text.replace("\r\n", "\n")
+    if not text.strip():
+        raise CourseError(f"text file {path} holds no text to score (only whitespace or Gutenberg boilerplate)")
+    return text

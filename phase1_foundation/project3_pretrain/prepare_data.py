@@ -16,7 +16,6 @@ token count and the UTF-8 byte count of the text, so train.py's bits per byte ar
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from course.checkpoint import atomic_write, atomic_write_json
+from course.cli import ArgumentParser, out_dir as out_dir_type, positive_int
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.data import gutenberg_files, read_gutenberg
@@ -87,16 +87,19 @@ def prepare(data_dir: str | Path, out_dir: str | Path, tokenizer_path: str | Pat
     return meta
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", default=str(GUTENBERG_DIR), help="folder of *.txt.gz / *.txt documents")
-    parser.add_argument("--out_dir", default=str(OUT_DIR), help="where train.bin, val.bin, meta.json go")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--input_dir", default=str(GUTENBERG_DIR),
+                        help="folder of Gutenberg books, one gzipped UTF-8 *.txt.gz per book (plain *.txt is not read)")
+    parser.add_argument("--out_dir", type=out_dir_type, default=OUT_DIR, help="where train.bin, val.bin, meta.json go")
     parser.add_argument("--tokenizer", default=str(TOKENIZER_PATH), help="project 2's trained tokenizer .pkl")
-    parser.add_argument("--heldout_every", type=int, default=25,
+    parser.add_argument("--heldout_every", type=positive_int, default=25,
                         help="hold out book k when k %% N == 0 (default 25: project 2's 7 held-out books, ~5%%)")
     parser.add_argument("--seed", type=int, default=0, help="unused: the split is deterministic (kept for uniformity)")
     parser.add_argument("--device", default="cpu", help="unused: tokenization runs on the CPU")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not Path(args.input_dir).is_dir():
+        raise CourseError(f"--input_dir {args.input_dir} is not a folder; get the books with: {DOWNLOAD_CMD}")
     if args.heldout_every < 2:
         raise CourseError(f"--heldout_every ({args.heldout_every}) must be >= 2")
     meta = prepare(args.input_dir, args.out_dir, args.tokenizer, args.heldout_every)

@@ -276,7 +276,7 @@ def test_resume_is_exact(corpus, tmp_path):
     data_dir = corpus[0] / "shards"
     mcfg = LlamaConfig(**{**TINY, "vocab_size": 290, "block_size": 16, "dropout": 0.1})
     base = dict(data_dir=str(data_dir), batch_size=4, lr_decay_iters=6, warmup_iters=2, eval_interval=3,
-                eval_iters=2, log_interval=1, lr=1e-2, min_lr=1e-3, peak_flops=1e11, grad_accum=2)
+                eval_iters=2, log_interval=1, learning_rate=1e-2, min_lr=1e-3, peak_flops=1e11, grad_accum=2)
     full = train(mcfg, TrainConfig(**base, out_dir=str(tmp_path / "a"), max_iters=6), device="cpu", seed=7,
                  progress=False)
     train(mcfg, TrainConfig(**base, out_dir=str(tmp_path / "b"), max_iters=3), device="cpu", seed=7, progress=False)
@@ -299,7 +299,7 @@ def test_train_gpt_baseline_and_bits_per_byte(corpus, tmp_path):
     meta = corpus[3]
     mcfg = LlamaConfig(**{**TINY, "vocab_size": 290, "block_size": 16})
     s = train(mcfg, TrainConfig(arch="gpt", data_dir=str(corpus[0] / "shards"), out_dir=str(tmp_path), batch_size=8,
-                                max_iters=40, warmup_iters=5, eval_interval=20, eval_iters=4, lr=1e-2, min_lr=1e-3,
+                                max_iters=40, warmup_iters=5, eval_interval=20, eval_iters=4, learning_rate=1e-2, min_lr=1e-3,
                                 peak_flops=1e11), device="cpu", seed=3, progress=False)
     ratio = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
     assert s["arch"] == "gpt" and s["val_bpb"] == pytest.approx(s["val_loss"] / math.log(2) * ratio)
@@ -476,3 +476,26 @@ def test_import_hf_bad_inputs(tmp_path):
         llama_config_from_hf(dict(cfg, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
     with pytest.raises(CourseError, match="rope scaling"):
         llama_config_from_hf(dict(cfg, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}))
+
+
+def _demo() -> None:
+    """Validation mode: a tiny random LLaMA's logits beside transformers' on the same weights."""
+    import tempfile
+
+    import transformers
+
+    model = tiny(tie_embeddings=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        ref = transformers.LlamaForCausalLM.from_pretrained(tmp).eval()
+        idx = torch.randint(0, model.config.vocab_size, (1, 12))
+        with torch.no_grad():
+            diff = (ref(idx).logits - model(idx)[0]).abs().max().item()
+    print(f"tiny LLaMA ({model.num_params():,} parameters): max |ours - transformers| logit = {diff:.2e}")
+    print("run the tests with: uv run pytest phase1_foundation/project3_pretrain -q")
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(_demo, __doc__)

@@ -32,17 +32,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from course.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from course.cli import ArgumentParser
+from course.checkpoint import capture_rng_state, remove_stale_temps, restore_rng_state, save_checkpoint
+from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
 from course.config import parse_configs
 from course.device import device_summary, get_device, set_seed
-from course.errors import ConfigError, CourseError, run_cli
+from course.errors import ConfigError, CourseError, check_finite_loss, run_cli
 from course.paths import repo_path
 from phase1_foundation.project1_minimal_gpt.training import cosine_lr, estimate_loss
 from phase1_foundation.project3_pretrain.config import LlamaConfig, TrainConfig
 from phase1_foundation.project3_pretrain.data import TRAIN_CMD, TokenData
 from phase1_foundation.project3_pretrain.flops import count_params, gpu_peak, measure_matmul_peak, model_flops_per_token
-from phase1_foundation.project3_pretrain.loading import build_model
+from phase1_foundation.project3_pretrain.loading import build_model, load_model_from_checkpoint
 from phase1_foundation.project3_pretrain.run_log import plot_run
 
 LN2 = math.log(2)
@@ -57,7 +57,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def peak_flops(tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    if tcfg.peak_flops > 0:
+    if tcfg.peak_flops is not None:
         return tcfg.peak_flops, "given"
     if device.type == "cuda":
         peak = gpu_peak(device, dtype)
@@ -77,19 +77,38 @@ def _state(model, optimizer, scaler, it, mcfg, tcfg, arch, losses, elapsed, toke
 
 
 def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: int = 1337, resume: bool = False,
-          progress: bool = True, train_overrides: dict | None = None) -> dict:
-    """Train or resume; return the summary dict. Exact resume: a run of 2N steps equals N + --resume + N."""
+          progress: bool = True, train_overrides: dict | None = None, model_overrides: dict | None = None,
+          preset_given: bool = False) -> dict:
+    """Train or resume; return the summary dict. Exact resume: a run of 2N steps equals N + --resume + N.
+
+    A loss that becomes nan/inf stops the run before it is saved (NonFiniteLossError, one line); Ctrl-C or
+    SIGTERM ends in one line with the --resume command (a save in flight completes first).
+    """
     out_dir = repo_path(tcfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is an existing file, not a folder; pick another --out_dir")
     state = None
     if resume:
-        state = load_checkpoint(out_dir / "ckpt.pt", map_location="cpu",
-                                hint=f"nothing to resume in {out_dir}; start without --resume: {TRAIN_CMD}")
+        if preset_given:
+            raise ConfigError("--preset cannot be combined with --resume (the run continues with its checkpoint's "
+                              "configs); drop --preset, or start a new run in another --out_dir")
+        ckpt = out_dir / "ckpt.pt"
+        if not ckpt.is_file():
+            raise CourseError(f"checkpoint not found: {ckpt}; nothing to resume; start without --resume: {TRAIN_CMD}")
+        _, state = load_model_from_checkpoint(ckpt)  # kind, config and every tensor's shape checked first
+        if "train_config" not in state or "optimizer_state_dict" not in state:
+            raise CourseError(f"{ckpt} holds no training state (train_config, optimizer); it cannot be resumed: "
+                              f"start a new run in another --out_dir")
         mcfg = LlamaConfig.from_dict(state["model_config"])
+        changed = [k for k, v in (model_overrides or {}).items() if v != getattr(mcfg, k)]
+        if changed:
+            raise ConfigError(f"cannot change {', '.join(sorted(changed))} when resuming (the checkpoint's network "
+                              "has another shape); drop those flags or start a new run in another --out_dir")
         tcfg = TrainConfig.from_dict({**state["train_config"], **(train_overrides or {})}).validate_config()
         if tcfg.arch != state["arch"]:
             raise ConfigError(f"cannot resume a '{state['arch']}' checkpoint as --arch {tcfg.arch}")
         seed = state["seed"]
-    if tcfg.threads:
+    if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)
     dev = get_device(device)
     set_seed(seed)
@@ -110,7 +129,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
         raise ConfigError("this GPU has no bfloat16 support; use --dtype float16 (with loss scaling) or auto")
     autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(dev.type, enabled=(dtype == torch.float16))
-    optimizer = model.configure_optimizer(tcfg.weight_decay, tcfg.lr, (tcfg.beta1, tcfg.beta2), dev.type)
+    optimizer = model.configure_optimizer(tcfg.weight_decay, tcfg.learning_rate, (tcfg.beta1, tcfg.beta2), dev.type)
 
     batch_gen = torch.Generator().manual_seed(seed)  # the "data position": the random-window sampler's state
     it, elapsed_before, tokens = 0, 0.0, 0
@@ -120,7 +139,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
         optimizer.load_state_dict(state["optimizer_state_dict"])
         scaler.load_state_dict(state["scaler_state_dict"])
         it, elapsed_before, tokens = state["iter"], state["elapsed_s"], state["tokens_seen"]
-        horizon = state["lr_horizon"] if not tcfg.lr_decay_iters else tcfg.lr_decay_iters
+        horizon = state["lr_horizon"] if tcfg.lr_decay_iters is None else tcfg.lr_decay_iters
         restore_rng_state(state["rng_state"])
         batch_gen.set_state(state["batch_rng_state"])
     fwd = torch.compile(model) if tcfg.compile else model
@@ -150,6 +169,7 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
         return out
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # a save killed outright in an earlier run; nothing of this run is in flight yet
     log_path = out_dir / "log.jsonl"
     if not resume and log_path.exists():
         log_path.unlink()
@@ -164,74 +184,89 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
                 if k != "iter" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, rec["iter"])
 
-    budget = tcfg.time_budget_s or None
+    budget = tcfg.time_budget_s  # None: no wall-clock limit
     last_eval: dict = {}
     step_time, steps_done, tokens_timed, loss_acc = 0.0, 0, 0, None
     t_loop = time.perf_counter()
     bar = tqdm(total=tcfg.max_iters, initial=it, desc=f"train {tcfg.arch}", unit="it", disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
     model.train()
-    while True:
-        elapsed = elapsed_before + time.perf_counter() - t_loop
-        out_of_time = budget is not None and elapsed >= budget
-        finished = it >= tcfg.max_iters or out_of_time
-        if (it % tcfg.eval_interval == 0 and it != start_iter) or finished or it == 0:
-            last_eval = evaluate()
-            record({"kind": "eval", **last_eval})
-            bar.write(f"iter {it}: train loss {last_eval['train_loss']:.4f}, val loss {last_eval['val_loss']:.4f}, "
-                      f"val ppl {last_eval['val_ppl']:.1f}, val bpb {last_eval['val_bpb']:.4f}")
-            losses = {"train": last_eval["train_loss"], "val": last_eval["val_loss"]}
-            save_checkpoint(out_dir / "ckpt.pt", _state(model, optimizer, scaler, it, mcfg, tcfg, tcfg.arch, losses,
-                                                        last_eval["elapsed_s"], tokens, batch_gen, seed, horizon,
-                                                        data.meta))
-        if finished:
-            break
+    try:
+        while True:
+            elapsed = elapsed_before + time.perf_counter() - t_loop
+            out_of_time = budget is not None and elapsed >= budget
+            finished = it >= tcfg.max_iters or out_of_time
+            if (it % tcfg.eval_interval == 0 and it != start_iter) or finished or it == 0:
+                last_eval = evaluate()
+                record({"kind": "eval", **last_eval})
+                for split in ("train", "val"):  # before saving: a diverged model never overwrites a good one
+                    check_finite_loss(last_eval[f"{split}_loss"], it, _last_good(out_dir, tcfg))
+                bar.write(f"iter {it}: train loss {last_eval['train_loss']:.4f}, val loss {last_eval['val_loss']:.4f}, "
+                          f"val ppl {last_eval['val_ppl']:.1f}, val bpb {last_eval['val_bpb']:.4f}")
+                losses = {"train": last_eval["train_loss"], "val": last_eval["val_loss"]}
+                save_checkpoint(out_dir / "ckpt.pt", _state(model, optimizer, scaler, it, mcfg, tcfg, tcfg.arch, losses,
+                                                            last_eval["elapsed_s"], tokens, batch_gen, seed, horizon,
+                                                            data.meta))
+            if finished:
+                break
 
-        # With a wall-clock budget the cosine must end when time runs out: re-estimate the horizon from
-        # the iterations/second of this run so far (evaluations included), as project 1 does.
-        if budget is not None and steps_done >= 10 and not tcfg.lr_decay_iters:
-            rate = steps_done / (time.perf_counter() - t_loop)
-            horizon = min(tcfg.max_iters, it + int(rate * (budget - elapsed)))
-            bar.total = horizon  # the bar counts to the estimated end of the budget, not to max_iters
-        lr = cosine_lr(it, tcfg.warmup_iters, horizon, tcfg.lr, tcfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+            # With a wall-clock budget the cosine must end when time runs out: re-estimate the horizon from
+            # the iterations/second of this run so far (evaluations included), as project 1 does.
+            if budget is not None and steps_done >= 10 and tcfg.lr_decay_iters is None:
+                rate = steps_done / (time.perf_counter() - t_loop)
+                horizon = min(tcfg.max_iters, it + int(rate * (budget - elapsed)))
+                bar.total = horizon  # the bar counts to the estimated end of the budget, not to max_iters
+            lr = cosine_lr(it, tcfg.warmup_iters, horizon, tcfg.learning_rate, tcfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        t0 = time.perf_counter()
-        for micro in range(tcfg.grad_accum):
-            x, y = batch("train", batch_gen)
-            with autocast:
-                _, loss = fwd(x, y)
-            # mean over micro-batches: the gradient equals that of one batch grad_accum times larger
-            scaler.scale(loss / tcfg.grad_accum).backward()
-            loss_acc = loss.detach() if micro == 0 else loss_acc + loss.detach()
-        if tcfg.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        steps_done += 1
-        tokens += tokens_per_iter
-        if it % tcfg.log_interval == 0:  # .item() waits for the device: only this often
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            step_time += time.perf_counter() - t0
-            tokens_timed += tokens_per_iter
-            tok_s = tokens_timed / step_time
-            rec = {"kind": "train", "iter": it, "loss": loss_acc.item() / tcfg.grad_accum, "lr": lr,
-                   "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t_loop,
-                   "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak}
+            t0 = time.perf_counter()
+            for micro in range(tcfg.grad_accum):
+                x, y = batch("train", batch_gen)
+                with autocast:
+                    _, loss = fwd(x, y)
+                # mean over micro-batches: the gradient equals that of one batch grad_accum times larger
+                scaler.scale(loss / tcfg.grad_accum).backward()
+                loss_acc = loss.detach() if micro == 0 else loss_acc + loss.detach()
             if tcfg.grad_clip > 0:
-                rec["grad_norm"] = float(grad_norm)
-            record(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
-                            mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
-        else:
-            step_time += time.perf_counter() - t0
-            tokens_timed += tokens_per_iter
-        bar.update(1)
+                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            steps_done += 1
+            tokens += tokens_per_iter
+            if it % tcfg.log_interval == 0:  # .item() waits for the device: only this often
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                step_time += time.perf_counter() - t0
+                tokens_timed += tokens_per_iter
+                tok_s = tokens_timed / step_time
+                loss_value = check_finite_loss(loss_acc.item() / tcfg.grad_accum, it, _last_good(out_dir, tcfg))
+                rec = {"kind": "train", "iter": it, "loss": loss_value, "lr": lr,
+                       "tokens": tokens, "elapsed_s": elapsed_before + time.perf_counter() - t_loop,
+                       "tokens_per_s": tok_s, "mfu": fpt * tok_s / peak}
+                if tcfg.grad_clip > 0:
+                    rec["grad_norm"] = float(grad_norm)
+                record(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
+                                mfu=f"{100 * rec['mfu']:.1f}%", refresh=False)
+            else:
+                step_time += time.perf_counter() - t0
+                tokens_timed += tokens_per_iter
+            bar.update(1)
+    except CourseError:  # e.g. the loss became nan: the bar must not share the error's line
+        bar.close()
+        log.close()
+        raise
+    except KeyboardInterrupt:
+        bar.close()
+        log.close()
+        saved = out_dir / "ckpt.pt"
+        where = (f"the last complete checkpoint is {saved}; continue with: {TRAIN_CMD} --resume --out_dir {out_dir}"
+                 if saved.is_file() else f"nothing was saved yet; start again with: {TRAIN_CMD}")
+        raise CourseError(f"training interrupted at iter {it}; {where}") from None
     bar.close()
     log.close()
     if writer is not None:
@@ -251,6 +286,12 @@ def train(mcfg: LlamaConfig, tcfg: TrainConfig, *, device: str = "auto", seed: i
           f"val_bpb={summary.get('val_bpb', float('nan')):.4f} tokens_per_s={tok_s:,.0f} "
           f"mfu={100 * summary['mfu']:.1f}%")
     return summary
+
+
+def _last_good(out_dir: Path, tcfg: TrainConfig) -> str:
+    ckpt = out_dir / "ckpt.pt"
+    return (f"the last good checkpoint is {ckpt} (continue it with --resume and a lower --learning_rate, "
+            f"now {tcfg.learning_rate:g})" if ckpt.is_file() else "nothing was saved")
 
 
 def _tensorboard(path: Path):
@@ -275,12 +316,16 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args, mcfg, tcfg = parse_configs(build_parser(), LlamaConfig, TrainConfig, argv=argv, default_preset="cpu")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
     train_over = {k: v for k, v in args.overrides.items() if k in train_fields}
+    model_over = {k: v for k, v in args.overrides.items() if k in model_fields}
     if not args.resume:
+        warn_if_gpu_preset_without_gpu(args.preset, args.device)
         mcfg.print_config(f"LlamaConfig (preset {args.preset})")
         tcfg.print_config(f"TrainConfig (preset {args.preset})")
     return train(mcfg, tcfg, device=args.device, seed=args.seed, resume=args.resume,
-                 progress=not args.no_progress, train_overrides=train_over)
+                 progress=not args.no_progress, train_overrides=train_over, model_overrides=model_over,
+                 preset_given=args.preset_given)
 
 
 if __name__ == "__main__":

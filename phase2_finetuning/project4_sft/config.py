@@ -27,17 +27,17 @@ class SFTConfig(BaseConfig):
     """One fine-tuning run: the base model, the chat data, the optimiser and the checks before/after."""
 
     base: str = "checkpoints/project3/cpu/ckpt.pt"  # our checkpoint .pt, an HF folder, or SmolLM2's .gguf
-    tokenizer: str = ""            # "" = the one that comes with the base model
+    tokenizer: str | None = None   # None = the one that comes with the base model
     data: str = "rasbt"            # comma-separated: alpaca, rasbt, oasst1, gsm8k, identity (NAME:PATH: a file)
-    max_chats: int = 0             # per general dataset, after the held-out split (0 = all)
+    max_chats: int | None = None   # per general dataset, after the held-out split (None = all)
     identity_chats: int = 300      # generated identity conversations (when "identity" is in data)
     heldout: int = 50              # chats held out of each dataset (fixed by seed; never trained on)
-    block_size: int = 0            # training row length in tokens (0 = the model's context)
+    block_size: int | None = None  # training row length in tokens (None = the model's context)
     packing: bool = False          # several chats per row, block-diagonal mask (packing.py)
     batch_size: int = 16
     grad_accum: int = 1
     max_iters: int = 300
-    lr: float = 5e-4
+    learning_rate: float = 5e-4    # peak of the cosine schedule (project 1's name)
     min_lr: float = 5e-5
     warmup_iters: int = 20
     weight_decay: float = 0.0      # short fine-tunes: no decay pulling pretrained weights to 0
@@ -51,14 +51,30 @@ class SFTConfig(BaseConfig):
     out_dir: str = "checkpoints/project4/cpu"
     device: str = "auto"
     dtype: str = "float32"         # autocast dtype on CUDA (bfloat16 / float16); float32 everywhere else
-    threads: int = 0               # torch.set_num_threads (0 = torch's default)
+    threads: int | None = None     # torch.set_num_threads (None = torch's default)
 
     PRESETS: ClassVar[dict] = {
         "cpu": dict(),
         "gpu": dict(base="checkpoints/project3/gpu/ckpt.pt", data="rasbt,alpaca,oasst1,gsm8k", batch_size=32,
-                    max_iters=2000, lr=3e-4, min_lr=3e-5, warmup_iters=100, eval_interval=250, gen_samples=200,
+                    max_iters=2000, learning_rate=3e-4, min_lr=3e-5, warmup_iters=100, eval_interval=250, gen_samples=200,
                     gen_budget=256, out_dir="checkpoints/project4/gpu", dtype="bfloat16"),
     }
+
+    def __post_init__(self) -> None:
+        # 0 / "" meant all / automatic before None did: checkpoints saved then still load.
+        for name in ("max_chats", "block_size", "threads"):
+            if getattr(self, name) == 0 and type(getattr(self, name)) is int:
+                setattr(self, name, None)
+        if self.tokenizer == "":
+            self.tokenizer = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SFTConfig":
+        """Also reads checkpoints saved before the rename `lr` -> learning_rate (project 1's name)."""
+        data = dict(data)
+        if "lr" in data and "learning_rate" not in data:
+            data["learning_rate"] = data.pop("lr")
+        return super().from_dict(data)
 
     @property
     def datasets(self) -> list[str]:
@@ -75,11 +91,13 @@ class SFTConfig(BaseConfig):
         unknown = [d for d in self.datasets if d not in DATASETS]
         if unknown or not self.datasets:
             errors.append(f"data ({self.data!r}) must be a comma-separated list of: {', '.join(DATASETS)}")
-        for name in ("max_chats", "identity_chats", "heldout", "block_size", "warmup_iters", "gen_samples",
-                     "threads"):
+        for name in ("identity_chats", "heldout", "warmup_iters", "gen_samples"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} ({getattr(self, name)}) must be >= 0")
-        self.check_positive(errors, "batch_size", "grad_accum", "max_iters", "lr", "eval_interval",
+        for name, auto in (("max_chats", "all"), ("block_size", "the model's context"), ("threads", "torch's default")):
+            if isinstance(getattr(self, name), int) and getattr(self, name) < 0:
+                errors.append(f"{name} ({getattr(self, name)}) must be > 0 (leave it out for {auto})")
+        self.check_positive(errors, "batch_size", "grad_accum", "max_iters", "learning_rate", "eval_interval",
                             "log_interval", "gen_budget")
         self.check_range(errors, "min_lr", 0.0, float("inf"))
         self.check_range(errors, "weight_decay", 0.0, float("inf"))
@@ -87,8 +105,9 @@ class SFTConfig(BaseConfig):
         self.check_range(errors, "beta2", 0.0, 1.0, hi_open=True)
         self.check_range(errors, "grad_clip", 0.0, float("inf"))
         self.check_choice(errors, "dtype", DTYPES)
-        if isinstance(self.min_lr, float) and isinstance(self.lr, float) and self.min_lr > self.lr:
-            errors.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if (isinstance(self.min_lr, float) and isinstance(self.learning_rate, float)
+                and self.min_lr > self.learning_rate):
+            errors.append(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
         if "identity" in self.datasets and self.identity_chats == 0:
             errors.append("identity_chats (0) must be > 0 when data includes identity")
         return errors

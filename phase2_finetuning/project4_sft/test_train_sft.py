@@ -55,7 +55,7 @@ def base(tmp_path_factory):
 
 def _cfg(base, out, **kw) -> SFTConfig:
     values = dict(base=str(base / "ckpt.pt"), data=f"alpaca:{base / 'chats.json'}", heldout=1, batch_size=5,
-                  max_iters=40, lr=3e-2, min_lr=3e-3, warmup_iters=2, eval_interval=20, log_interval=5,
+                  max_iters=40, learning_rate=3e-2, min_lr=3e-3, warmup_iters=2, eval_interval=20, log_interval=5,
                   gen_samples=2, gen_budget=8, out_dir=str(out), device="cpu")
     return SFTConfig(**{**values, **kw}).validate_config()
 
@@ -123,10 +123,10 @@ def test_a_diverging_run_stops_with_one_line(base, tmp_path):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--lr=0"], "lr (0.0) must be > 0"),
-    (["--lr=nan"], "must be a finite number"),
+    (["--learning_rate=0"], "learning_rate (0.0) must be > 0"),
+    (["--learning_rate=nan"], "must be a finite number"),
     (["--data=alpaca,wiki"], "data ('alpaca,wiki') must be a comma-separated list"),
-    (["--min_lr=0.1", "--lr=0.01"], "min_lr (0.1) must be <= lr"),
+    (["--min_lr=0.1", "--learning_rate=0.01"], "min_lr (0.1) must be <= learning_rate"),
     (["--dtype=int8"], "dtype ('int8') must be one of"),
     (["--batch_size=two"], "argument --batch_size"),
     (["--base=/nonexistent/model.pt"], "not found"),

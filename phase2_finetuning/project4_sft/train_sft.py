@@ -3,7 +3,7 @@
     uv run python phase2_finetuning/project4_sft/train_sft.py                      # cpu preset: our project 3 model
     uv run python phase2_finetuning/project4_sft/train_sft.py --resume             # exact resume from OUT_DIR
     uv run python phase2_finetuning/project4_sft/train_sft.py --base data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --data identity,alpaca --max_chats 600 --lr 3e-5 --min_lr 3e-6 --batch_size 8 --block_size 256 \\
+        --data identity,alpaca --max_chats 600 --learning_rate 3e-5 --min_lr 3e-6 --batch_size 8 --block_size 256 \\
         --max_iters 150 --out_dir checkpoints/project4/smollm2-identity
 
 PAPERS
@@ -86,7 +86,7 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
             raise ConfigError(f"{out_dir}/ckpt.pt was not written by train_sft.py; nothing to resume")
         cfg = SFTConfig.from_dict({**state["sft_config"], **(overrides or {})}).validate_config()
         seed = state["seed"]
-    if cfg.threads:
+    if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dev = get_device(cfg.device)
     set_seed(seed)
@@ -110,7 +110,7 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     use_autocast = dev.type == "cuda" and cfg.dtype != "float32"
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_autocast else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(dev.type, enabled=use_autocast and cfg.dtype == "float16")
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), dev.type)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), dev.type)
     it, before = 0, None
     if state is not None:
         optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -154,7 +154,7 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
         while it < cfg.max_iters:
             # Ctrl-C inside a step saves the state from before it: the resumed run redoes the whole step
             snapshot = (sampler.state_dict(), capture_rng_state())
-            lr = cosine_lr(it, cfg.warmup_iters, cfg.max_iters, cfg.lr, cfg.min_lr)
+            lr = cosine_lr(it, cfg.warmup_iters, cfg.max_iters, cfg.learning_rate, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             acc = 0.0
@@ -165,7 +165,7 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
                 scaler.scale(loss / cfg.grad_accum).backward()
                 acc += loss.detach().float().item() / cfg.grad_accum
                 tokens += int((batch[1] != -1).sum())
-            check_finite_loss(acc, it, hint=f"lower --lr (now {cfg.lr:g})")
+            check_finite_loss(acc, it, hint=f"lower --learning_rate (now {cfg.learning_rate:g})")
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
