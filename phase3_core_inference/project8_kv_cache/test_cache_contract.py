@@ -60,3 +60,9 @@ class ForgetsToFree(KVCache):
 def test_a_broken_cache_fails_the_contract(broken, check):
     with pytest.raises(AssertionError):
         check(lambda config, batch, max_len: broken.for_model(config, batch=batch, max_len=max_len))
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(lambda: print("this file holds only tests: uv run pytest -q " + __file__), __doc__)

@@ -208,3 +208,9 @@ def test_stories260k_fast_path_equals_plain_path():
     for mine, theirs in zip(fast_logits, plain_logits):
         # logits of up to ~20 here: another summation order differs by a few float32 ulps of them (seen: 1.0e-5)
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(lambda: print("this file holds only tests: uv run pytest -q " + __file__), __doc__)

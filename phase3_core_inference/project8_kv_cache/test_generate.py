@@ -183,3 +183,9 @@ def test_benchmark_quick_runs_and_writes_results(tmp_path):
     assert all(r["same_tokens"] for r in results["cache"]) and results["cache"][0]["mode"] == "eager"
     assert len(results["hf"][0]["floor_tokens"]) == 3  # --quick pairs 3 decode steps with bandwidth samples
     assert (tmp_path / "kv_cache_speedup.png").stat().st_size > 1000
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(lambda: print("this file holds only tests: uv run pytest -q " + __file__), __doc__)

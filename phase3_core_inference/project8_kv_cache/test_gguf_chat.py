@@ -69,3 +69,9 @@ def test_real_smollm2_chat_answers_and_stops(monkeypatch, capsys):
                             "What is the capital of France? Answer in one sentence.\n")
     assert out.strip() == "The capital of France is Paris."
     assert "8 new tokens" in err  # 7 text tokens + <|im_end|>, where it stopped
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(lambda: print("this file holds only tests: uv run pytest -q " + __file__), __doc__)

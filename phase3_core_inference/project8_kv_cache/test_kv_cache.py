@@ -335,4 +335,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from course.cli import run_demo
+
+    run_demo(main, __doc__)

@@ -116,3 +116,9 @@ def test_sampling_never_picks_a_filtered_token():
 def test_bad_settings_are_one_clear_error(bad):
     with pytest.raises(ConfigError, match="invalid sampling settings"):
         SamplingParams(**bad).check()
+
+
+if __name__ == "__main__":
+    from course.cli import run_demo
+
+    run_demo(lambda: print("this file holds only tests: uv run pytest -q " + __file__), __doc__)
