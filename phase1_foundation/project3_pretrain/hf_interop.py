@@ -223,8 +223,7 @@ def model_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], so
         config.validate_config()
     except CourseError as e:
         raise CourseError(f"{source}: {e}") from None
-    with torch.device("meta"):  # shapes only: every weight is replaced below, so a random init would be wasted
-        model = Llama(config)  # (it took ~5 s of SmolLM2's load on 2 cores, and doubled the peak memory)
+    model = Llama(config)
     expected = model.state_dict()
     names = hf_name_map(config)
     missing = [theirs for theirs in names.values() if theirs not in tensors]
@@ -246,13 +245,10 @@ def model_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], so
         if tuple(t.shape) != tuple(expected[ours].shape):
             raise CourseError(f"{source}: '{theirs}' has shape {tuple(t.shape)} but the config implies "
                               f"{tuple(expected[ours].shape)}")
-        state[ours] = t.detach().to(torch.float32, copy=True).contiguous()  # ours: the caller's tensors stay theirs
+        state[ours] = t
     if config.tie_embeddings:  # one matrix, two names: load_state_dict wants both
         state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True, assign=True)  # the meta parameters become these tensors
-    if config.tie_embeddings:  # assign wraps each name in its own Parameter: tie them again (one matrix to train)
-        model.lm_head.weight = model.tok_emb.weight
-    model.init_rope()  # the RoPE tables are buffers derived from the config, still on the meta device
+    model.load_state_dict(state, strict=True)  # copies into our float32 parameters (any float dtype in)
     return model.eval()
 
 

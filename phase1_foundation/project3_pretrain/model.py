@@ -216,24 +216,17 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             # LLaMA 1/2 untie, small models (and LLaMA 3.2 1B/3B) tie: saves vocab*d parameters.
             self.lm_head.weight = self.tok_emb.weight
-        self.init_rope()
+        cos, sin = rope_tables(config.hd, config.block_size, config.rope_theta)
+        # Non-persistent: derived from the config, not stored in checkpoints; moved by .to(device).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
-        if self.tok_emb.weight.is_meta:  # built for its shapes (a loader fills every weight): nothing to draw
-            return
         self.apply(self._init_weights)
         # GPT-2 scaled init: residual projections get std / sqrt(2 * n_layer) so the stream's variance
         # does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("attn.wo.weight") or name.endswith("mlp.w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
-
-    def init_rope(self) -> None:
-        """(Re)compute the RoPE tables on the CPU (a loader that built the model on the meta device calls it)."""
-        c = self.config
-        cos, sin = rope_tables(c.hd, c.block_size, c.rope_theta)
-        # Non-persistent: derived from the config, not stored in checkpoints; moved by .to(device).
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
