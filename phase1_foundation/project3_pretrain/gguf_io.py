@@ -76,6 +76,9 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise CourseError(f"GGUF file not found: {self.path}")
+        if self.path.stat().st_size < 24:  # magic, version, two counts: an empty or cut file cannot be mapped
+            raise CourseError(f"{self.path} is not a GGUF file (only {self.path.stat().st_size} bytes); "
+                              "download it again")
         self.buf = np.memmap(self.path, dtype=np.uint8, mode="r")
         if bytes(self.buf[:4]) != b"GGUF":
             raise CourseError(f"{self.path} is not a GGUF file (it starts with {bytes(self.buf[:4])!r}, not b'GGUF')")

@@ -153,6 +153,11 @@ def test_bad_files_are_one_line(tmp_path, files):
     not_gguf.write_bytes(b"PK\x03\x04 not a model")
     with pytest.raises(CourseError, match="is not a GGUF file"):
         load_gguf(not_gguf)
+    for head in (b"", b"GGUF"):  # an empty file cannot even be memory-mapped; a bare magic has no header
+        short = tmp_path / f"short{len(head)}.gguf"
+        short.write_bytes(head)
+        with pytest.raises(CourseError, match=r"is not a GGUF file \(only \d+ bytes\)"):
+            load_gguf(short)
     data = files[T.Q4_0].read_bytes()
     for cut in (100, 5000, len(data) - 10):
         cut_file = tmp_path / f"cut{cut}.gguf"
