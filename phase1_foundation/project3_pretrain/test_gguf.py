@@ -221,7 +221,10 @@ def test_real_file_equals_transformers():
         assert text == ref_tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                    add_generation_prompt=True)
         ids = torch.tensor([tok.encode(text)])
-        theirs = ref.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)
+        # attention_mask given: without it transformers masks every id equal to pad_token_id, and the chat prompt
+        # holds <|im_end|> (2) after its system turn, so its greedy tokens would come from another prompt
+        theirs = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                              eos_token_id=None, pad_token_id=2)
         ours = generate_ids(model, ids, 64, temperature=0.0)
         assert ours.tolist() == theirs.tolist()
         if answer:

@@ -67,7 +67,9 @@ def test_real_smollm2_chat_answers_and_stops(monkeypatch, capsys):
     out, err = run_generate(monkeypatch, capsys, ["--model", str(REAL), "--chat", "--max_len", "256",
                                                   "--temperature", "0", "--compile", "false"],
                             "What is the capital of France? Answer in one sentence.\n")
-    assert out.strip() == "The capital of France is Paris."
+    banner, reply, end = out.split("you> ")  # the session's banner, the reply after the marker, the EOF newline
+    assert banner.startswith("chat: ") and end == "\n"
+    assert reply == "The capital of France is Paris.\n"
     assert "8 new tokens" in err  # 7 text tokens + <|im_end|>, where it stopped
 
 
