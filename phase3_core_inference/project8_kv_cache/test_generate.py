@@ -148,6 +148,7 @@ def test_hf_folder_with_wrong_shapes_is_one_line(tmp_path):
     one_line_error(run("--model", str(folder), "--prompt", "hi"), "has shape")
 
 
+@pytest.mark.slow  # eight real processes (~60 s); test_scripts.py checks the same faults in-process by default
 def test_bad_inputs_are_one_clear_line(tmp_path):
     folder = tiny_hf_folder(tmp_path, chat=False)
     one_line_error(run("--model", str(tmp_path / "nope.pt")), "not found")
