@@ -130,7 +130,7 @@ def load_hf_tokenizer(folder: str | Path):
     tok = byte_level_bpe(_with_all_bytes(vocab), merges, pattern, special, source=str(path))
     add_bos = bool(tcfg.get("add_bos_token", False))
     size = max(max(vocab.values()), max(added.values(), default=-1)) + 1
-    return _VocabPrefix(tok, size, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
+    return VocabPrefix(tok, size, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
                         name=f"tokenizer.json {folder.name}")
 
 
@@ -146,7 +146,7 @@ GGUF_CONTROL = 3  # tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4
 
 def _with_all_bytes(tokens: list[str] | dict[str, int]) -> dict[str, int]:
     """{token: id} with every single byte present. SmolLM2's vocabulary lacks 21 single bytes (control
-    characters it never saw): they get placeholder ids past the vocabulary, which `_VocabPrefix` drops on
+    characters it never saw): they get placeholder ids past the vocabulary, which `VocabPrefix` drops on
     encode, as Hugging Face's BPE without an unk token drops a character it has no token for."""
     ids = {t: i for i, t in enumerate(tokens)} if isinstance(tokens, list) else dict(tokens)
     n = max(ids.values()) + 1
@@ -156,7 +156,7 @@ def _with_all_bytes(tokens: list[str] | dict[str, int]) -> dict[str, int]:
     return ids
 
 
-class _VocabPrefix(CourseTokenizer):
+class VocabPrefix(CourseTokenizer):
     """A byte-level tokenizer whose first n ids are the model's; the placeholder ids above are dropped."""
 
     def __init__(self, tok, n: int, **kw):
@@ -217,7 +217,7 @@ def load_gguf_tokenizer(source):
                                  f"{', '.join(GGUF_PRE_PATTERNS)})")
         tok = byte_level_bpe(_with_all_bytes(tokens), meta.get("tokenizer.ggml.merges") or [],
                              GGUF_PRE_PATTERNS[pre], special, source=name)
-        return _VocabPrefix(tok, len(tokens), bos_id=bos, eos_id=eos, chat_template=template,
+        return VocabPrefix(tok, len(tokens), bos_id=bos, eos_id=eos, chat_template=template,
                             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), name=f"gguf {Path(name).name}")
     if model == "llama":
         scores = meta.get("tokenizer.ggml.scores")

@@ -22,21 +22,7 @@ from pathlib import Path
 
 from course.cli import ArgumentParser, out_dir as out_dir_type
 from course.errors import CourseError, run_cli
-from phase1_foundation.project2_tokenizer.data_sources import (GPT2_BASE, GPT2_FILES, WIKITEXT2_BASE, WIKITEXT2_FILES,
-                                                               get_files, get_gutenberg, get_wikitext103)
-
-DATASETS = ("gutenberg", "wikitext2", "wikitext103", "gpt2_bpe")
-
-
-def fetch(dataset: str, data_dir: Path, source: str | None, force: bool = False) -> None:
-    if dataset == "gutenberg":
-        get_gutenberg(data_dir, source, force)
-    elif dataset == "wikitext2":
-        get_files(WIKITEXT2_FILES, WIKITEXT2_BASE, data_dir / "wikitext2", source, force)
-    elif dataset == "wikitext103":
-        get_wikitext103(data_dir, source, force)
-    else:
-        get_files(GPT2_FILES, GPT2_BASE, data_dir / "gpt2_bpe", source, force)
+from phase1_foundation.project2_tokenizer.data_sources import DATASETS, fetch
 
 
 def main(argv: list[str] | None = None) -> None:

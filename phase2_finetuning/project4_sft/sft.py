@@ -27,6 +27,7 @@ import torch
 
 from course.errors import CourseError
 from course.paths import REPO_ROOT, repo_path
+from phase1_foundation.project2_tokenizer.foreign_formats import VocabPrefix
 from phase1_foundation.project2_tokenizer.formats import CourseTokenizer, load_tokenizer
 from phase1_foundation.project3_pretrain.loading import load_model, load_tokenizer_for
 from phase1_foundation.project3_pretrain.model import Llama
@@ -38,22 +39,6 @@ from phase2_finetuning.project4_sft.packing import collate_packed, pack, packed_
 from phase2_finetuning.project4_sft.reply import ChatFormat, chat_reply
 from phase2_finetuning.project4_sft.special_tokens import (CHATML_TEMPLATE, IM_END, IM_START, add_special_tokens,
                                                            load_chat_format, resize_embeddings, save_chat_format)
-
-
-class ModelVocab(CourseTokenizer):
-    """A project 2 tokenizer cut to the model's vocabulary: ids at or past `n` (placeholders for the few bytes
-    SmolLM2's vocabulary lacks) are dropped on encode, as Hugging Face's BPE drops a byte it has no token for."""
-
-    def __init__(self, tok, n: int, **kw):
-        super().__init__(tok, **kw)
-        self.n = n
-
-    @property
-    def vocab_size(self) -> int:
-        return self.n
-
-    def encode(self, text: str, bos: bool | None = None, allowed_special: str = "all") -> list[int]:
-        return [i for i in super().encode(text, bos=bos, allowed_special=allowed_special) if i < self.n]
 
 
 @dataclass
@@ -86,7 +71,7 @@ def prepare_base(spec: str, tokenizer: str = "", device: str | torch.device = "c
         note = (f"added {IM_START} {inner.special_tokens[IM_START]} and {IM_END} {inner.special_tokens[IM_END]}; "
                 f"embedding {loaded.model.config.vocab_size} -> {model.config.vocab_size} rows (new rows = mean row)")
         eot = getattr(inner, "eot_token", None)
-        tok = ModelVocab(inner, model.config.vocab_size, bos_id=eot, eos_id=eot, chat_template=CHATML_TEMPLATE,
+        tok = VocabPrefix(inner, model.config.vocab_size, bos_id=eot, eos_id=eot, chat_template=CHATML_TEMPLATE,
                          name=getattr(tok, "name", "course"))
         fmt = ChatFormat(CHATML_TEMPLATE, IM_END)
     else:
@@ -250,7 +235,7 @@ def load_chat_model(spec: str, device: str | torch.device = "cpu", tokenizer: st
     if end not in inner.special_tokens:
         raise CourseError(f"{folder}/tokenizer_config.json names end token {end!r}, which tokenizer.pkl lacks")
     eot = inner.special_tokens.get("<|endoftext|>")
-    tok = ModelVocab(inner, loaded.model.config.vocab_size, bos_id=eot, eos_id=eot,
+    tok = VocabPrefix(inner, loaded.model.config.vocab_size, bos_id=eot, eos_id=eot,
                      chat_template=fmt_cfg["chat_template"], name=f"sft {folder.name}")
     return ChatModel(loaded.model.to(device), tok, ChatFormat(fmt_cfg["chat_template"], end),
                      f"fine-tuned model from {folder}")
