@@ -17,7 +17,7 @@ from course.device import get_device
 from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from phase1_foundation.project3_pretrain.data import TokenData
-from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
+from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, load_any, load_matching_tokenizer
 from phase1_foundation.project3_pretrain.perplexity import evaluate_ids, read_text
 
 
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             raise CourseError(f"{args.data_dir}/meta.json has vocab {data.vocab_size}, the model {model.config.vocab_size}")
         ids, n_bytes, what = data.splits[args.split], data.meta["splits"][args.split]["bytes"], f"{args.split} shard"
     else:
-        tok = load_matching_tokenizer(Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER),
-                                      model)
+        tok = load_matching_tokenizer(args.tokenizer, model, stored_tok)
         ids, n_bytes, what = np.asarray(tok.encode_ordinary(text)), len(text.encode("utf-8")), args.text_file
     r = evaluate_ids(model, ids, n_bytes, args.batch_size, args.max_tokens)
     print(f"{what}: {r['tokens']:,} tokens scored, {r['bytes']:,} bytes")

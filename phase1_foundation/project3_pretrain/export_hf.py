@@ -18,7 +18,7 @@ from course.errors import CourseError, run_cli
 from course.paths import repo_path
 from phase1_foundation.project3_pretrain.generation import generate_ids
 from phase1_foundation.project3_pretrain.hf_interop import export_hf
-from phase1_foundation.project3_pretrain.loading import DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
+from phase1_foundation.project3_pretrain.loading import load_any, load_matching_tokenizer, tokenizer_path
 from phase1_foundation.project3_pretrain.model import Llama
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     model, stored_tok = load_any(args.ckpt, None, torch.device("cpu"))
     if not isinstance(model, Llama):
         raise CourseError(f"{args.ckpt} holds a {type(model).__name__}; only the LLaMA architecture exports to HF")
-    tok_path = Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER)
+    tok_path = tokenizer_path(args.tokenizer, stored_tok)
     tok = load_matching_tokenizer(tok_path, model)
     out = export_hf(model, repo_path(args.out_dir), tok_path)
     print(f"exported {model.num_params():,} parameters to {out}/ (config.json, model.safetensors, tokenizer.pkl)")

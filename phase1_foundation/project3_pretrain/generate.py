@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,7 @@ from course.device import get_device, set_seed
 from course.errors import CourseError, run_cli
 from course.paths import REPO_ROOT
 from phase1_foundation.project1_minimal_gpt.sampling import stream_tokens
-from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, DEFAULT_TOKENIZER, load_any, load_matching_tokenizer
+from phase1_foundation.project3_pretrain.loading import DEFAULT_CKPT, load_any, load_matching_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = get_device(args.device)
     set_seed(args.seed)
     model, stored_tok = load_any(args.ckpt, args.hf_dir, dev)
-    tok = load_matching_tokenizer(Path(args.tokenizer) if args.tokenizer else (stored_tok or DEFAULT_TOKENIZER), model)
+    tok = load_matching_tokenizer(args.tokenizer, model, stored_tok)
     ids = tok.encode(args.prompt, allowed_special="all")
     if not ids:
         raise CourseError("the prompt is empty; give at least one character")

@@ -121,8 +121,16 @@ def load_any(ckpt: str | None, hf_dir: str | None, device: torch.device) -> tupl
     return model, None
 
 
-def load_matching_tokenizer(path: Path, model: torch.nn.Module):
-    """Project 2's tokenizer at path, checked to have exactly as many ids as the model's vocabulary."""
+def tokenizer_path(given: str | Path | None, stored: Path | None = None) -> Path:
+    """Which tokenizer a script uses: --tokenizer if given, else the one load_any found with the model, else the
+    default (the cpu run's)."""
+    return Path(given) if given else (stored or DEFAULT_TOKENIZER)
+
+
+def load_matching_tokenizer(path: str | Path | None, model: torch.nn.Module, stored: Path | None = None):
+    """Project 2's tokenizer at `tokenizer_path(path, stored)`, checked to have exactly as many ids as the
+    model's vocabulary."""
+    path = tokenizer_path(path, stored)
     if not path.is_file():
         raise CourseError(f"tokenizer not found: {path}; pass --tokenizer PATH (project 2's tokenizer.pkl)")
     tok = load_tokenizer(path)
