@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from course.errors import run_cli
 from course.paths import REPO_ROOT
@@ -41,8 +41,11 @@ def check_one_line(returncode: int | None, stderr: str) -> str:
     return lines[0]
 
 
-def one_line_error(main: Callable[[list[str]], object], argv: Sequence[str]) -> str:
+def one_line_error(main: Callable[[list[str]], object], argv: Sequence[str], fill: Mapping | None = None) -> str:
     """Run `main(argv)` through run_cli in-process; assert it fails in one stderr line; return that line.
+
+    `fill`: the arguments are templates (`"--data_path={empty}"`), filled with `str.format(**fill)`, so a table
+    of bad inputs can name the files a fixture wrote.
 
     Anything other than a clean exit (an uncaught exception) propagates and fails the test with its
     traceback, which is exactly what these tests are there to catch.
@@ -51,7 +54,7 @@ def one_line_error(main: Callable[[list[str]], object], argv: Sequence[str]) -> 
     code: int | str | None = 0
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            run_cli(lambda: main(list(argv)))
+            run_cli(lambda: main([a.format(**fill) for a in argv] if fill else list(argv)))
         except SystemExit as e:
             code = e.code
     return check_one_line(code if isinstance(code, int) else 1, err.getvalue())

@@ -711,7 +711,7 @@ GENERATE_BAD = [
 
 @pytest.mark.parametrize("argv,fragment", GENERATE_BAD, ids=[" ".join(a) for a, _ in GENERATE_BAD])
 def test_generate_bad_flags_and_files(argv, fragment, bad_files):
-    assert fragment in one_line_error(generate.main, [a.format(**bad_files) for a in argv])
+    assert fragment in one_line_error(generate.main, argv, bad_files)
 
 
 @pytest.mark.parametrize("main,argv,fragment", [
@@ -727,7 +727,7 @@ def test_generate_bad_flags_and_files(argv, fragment, bad_files):
     (download_data.main, ["--force=yes"], "ignored explicit argument 'yes'"),
 ])
 def test_benchmark_and_download_bad_flags(main, argv, fragment, bad_files):
-    assert fragment in one_line_error(main, [a.format(**bad_files) for a in argv])
+    assert fragment in one_line_error(main, argv, bad_files)
 
 
 def test_every_runnable_file_answers_help_and_test_model_still_runs_its_demo():

@@ -47,10 +47,6 @@ def bad_files(tmp_path_factory):
     return {k: str(v) for k, v in files.items()}
 
 
-def _run(main, argv, bad_files):
-    return one_line_error(main, [a.format(**bad_files) for a in argv])
-
-
 TRAIN_BAD = [
     (["--vocab_size=257"], "vocab_size (257) must be > 256 + 1 special token(s)"),
     (["--vocab_size=ten"], "argument --vocab_size: invalid int value: 'ten'"),
@@ -78,8 +74,8 @@ def test_train_tokenizer_bad_flags_and_files(argv, fragment, bad_files, tmp_path
         argv = argv + ["--data_dir={one_book}", "--heldout_every=0"]  # a case that wrongly passes stays short
     if not any(a.startswith("--out_dir") for a in argv):
         argv = argv + [f"--out_dir={tmp_path / 'out'}"]
-    assert fragment in _run(train_tokenizer.main, argv + ["--num_workers=1"] * (not any("workers" in a for a in argv)),
-                            bad_files)
+    workers = ["--num_workers=1"] * (not any("workers" in a for a in argv))
+    assert fragment in one_line_error(train_tokenizer.main, argv + workers, bad_files)
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -104,7 +100,7 @@ BENCH_BAD = [
 def test_benchmark_bad_flags_and_files(argv, fragment, bad_files, tmp_path):
     if not any(a.startswith("--data_dir") for a in argv):
         argv = argv + ["--data_dir={empty}"]  # were a bad flag accepted, the run still ends at once
-    assert fragment in _run(benchmark.main, argv + [f"--out={tmp_path / 'b.json'}"] * (not any(
+    assert fragment in one_line_error(benchmark.main, argv + [f"--out={tmp_path / 'b.json'}"] * (not any(
         a.startswith("--out") for a in argv)), bad_files)
 
 
@@ -124,7 +120,7 @@ OTHER_BAD = [
 @pytest.mark.parametrize("main,argv,fragment", OTHER_BAD, ids=[f"{m.__module__.split('.')[-1]} {' '.join(a)}"
                                                                for m, a, _ in OTHER_BAD])
 def test_download_and_viewer_bad_flags(main, argv, fragment, bad_files):
-    assert fragment in _run(main, argv, bad_files)
+    assert fragment in one_line_error(main, argv, bad_files)
 
 
 def test_benchmark_labels_rows_with_the_real_vocab_size(bad_files, tmp_path, capsys):

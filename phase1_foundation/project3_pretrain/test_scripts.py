@@ -91,7 +91,7 @@ CASES = [
 @pytest.mark.parametrize("script,argv,fragment", CASES,
                          ids=[f"{s.__name__.rsplit('.', 1)[1]}:{' '.join(a) or '(none)'}" for s, a, _ in CASES])
 def test_bad_input_is_one_line(files, script, argv, fragment):
-    line = one_line_error(script.main, [a.format(d=files) for a in argv])
+    line = one_line_error(script.main, argv, {"d": files})
     assert fragment in line, line
 
 

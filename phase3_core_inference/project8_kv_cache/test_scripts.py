@@ -41,10 +41,6 @@ def files(tmp_path_factory):
     return {k: str(v) for k, v in f.items()}
 
 
-def _run(main, argv, files):
-    return one_line_error(main, [a.format(**files) for a in argv])
-
-
 GENERATE_BAD = [  # all refused before a model is loaded
     (["--max_new_tokens=0"], "max_new_tokens (0) must be >= 1; leave the flag out for as many as fit"),
     (["--max_new_tokens=-3"], "max_new_tokens (-3) must be >= 1"),
@@ -74,7 +70,7 @@ GENERATE_BAD = [  # all refused before a model is loaded
 
 @pytest.mark.parametrize("argv,fragment", GENERATE_BAD, ids=[" ".join(a) for a, _ in GENERATE_BAD])
 def test_generate_bad_flags_and_files(argv, fragment, files):
-    assert fragment in _run(generate.main, argv + ["--compile=false"], files)
+    assert fragment in one_line_error(generate.main, argv + ["--compile=false"], files)
 
 
 GENERATE_BAD_WITH_A_MODEL = [
@@ -90,12 +86,12 @@ GENERATE_BAD_WITH_A_MODEL = [
 @pytest.mark.parametrize("argv,fragment", GENERATE_BAD_WITH_A_MODEL, ids=[a[-1][:30] for a, _ in
                                                                           GENERATE_BAD_WITH_A_MODEL])
 def test_generate_bad_input_with_a_model(argv, fragment, files):
-    line = _run(generate.main, argv + ["--compile=false"], files)
+    line = one_line_error(generate.main, argv + ["--compile=false"], files)
     assert fragment in line and "tokenizer_config.json" not in line
 
 
 def test_chat_hint_names_the_metadata_of_a_gguf_file(files):
-    line = _run(generate.main, ["--model={plain_gguf}", "--chat", "--compile=false"], files)
+    line = one_line_error(generate.main, ["--model={plain_gguf}", "--chat", "--compile=false"], files)
     assert "no tokenizer.chat_template in the file's metadata" in line and "tokenizer_config.json" not in line
 
 
@@ -131,7 +127,7 @@ OTHER_BAD = [
 @pytest.mark.parametrize("main,argv,fragment", OTHER_BAD, ids=[f"{m.__module__.split('.')[-1]} {' '.join(a)}"
                                                                for m, a, _ in OTHER_BAD])
 def test_benchmark_and_download_bad_flags(main, argv, fragment, files):
-    assert fragment in _run(main, argv, files)
+    assert fragment in one_line_error(main, argv, files)
 
 
 SCRIPTS = {"generate.py": generate, "benchmark.py": benchmark, "benchmark_gguf.py": benchmark_gguf,
