@@ -96,6 +96,15 @@ def test_loglikelihood_is_the_manual_sum_of_token_logprobs():
         assert g == pytest.approx(manual, abs=1e-4)
 
 
+def test_one_token_continuations_read_one_row_equal_to_one_row_each():
+    model = tiny_llama(seed=4)
+    context = torch.randint(0, 97, (11,)).tolist()
+    conts = [[t] for t in torch.randint(0, 97, (4,)).tolist()]
+    got = continuation_logprobs(model, context, conts)  # the one-row path
+    for c, g in zip(conts, got):
+        assert g == pytest.approx(continuation_logprobs(model, context, [c, c + [0]])[0], abs=1e-5)  # the batch path
+
+
 def test_mean_and_stderr_match_the_sample_formula():
     v = [float(x) for x in torch.randint(0, 2, (50,)).tolist()]
     m, se = mean_and_stderr(v)
@@ -236,3 +245,25 @@ def test_eval_config_rejects_bad_values_with_one_line():
         EvalConfig(tasks="arc_easy,squad").validate_config()
     with pytest.raises(ConfigError, match="shots"):
         EvalConfig(shots=9).validate_config()
+
+
+# ---- the peer comparison (compare_lm_eval.py) -----------------------------------------------------------------
+@pytest.mark.parametrize("argv, fragment", [
+    (["--tasks", "hellaswag"], "--tasks must be a comma list of arc_easy, mmlu"),
+    (["--model", "checkpoints/none.pt"], "builds transformers' tokenizer from a .gguf file"),
+    (["--limit", "-1"], "--limit"),
+])
+def test_compare_lm_eval_bad_input_is_one_line(argv, fragment):
+    from course.clitest import one_line_error
+    from phase2_finetuning.project4_sft import compare_lm_eval
+    assert fragment in one_line_error(compare_lm_eval.main, argv)
+
+
+@pytest.mark.slow
+def test_lm_eval_agrees_with_ours_on_smollm2_questions(tmp_path):
+    from phase2_finetuning.project4_sft import compare_lm_eval
+    if not (REPO_ROOT / compare_lm_eval.SMOLLM2).is_file():
+        pytest.skip(f"{compare_lm_eval.SMOLLM2} absent: project 8's download_model.py --source fetches it")
+    compare_lm_eval.main(["--limit", "6", "--out", str(tmp_path / "cmp")])
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert [r["same_pick"] for r in rows] == [1.0, 1.0]

@@ -43,11 +43,18 @@ def continuation_logprobs(model, context: list[int], continuations: list[list[in
     """log P(continuation | context) for each continuation, summed over its tokens; one forward pass.
 
     Rows longer than the model's context keep their last block_size + 1 tokens (the context is cut from the left).
+    When every continuation is one token (MMLU's " A" .. " D"), the rows would be the same context four times:
+    one row is run and each choice's log-prob is read at its last position (causal attention: equal).
     """
     block = model.config.block_size
+    device = next(model.parameters()).device
+    if context and all(len(c) == 1 for c in continuations):
+        ctx = context[-block:]
+        logits = model(torch.tensor([ctx], device=device), logits_to_keep=1)[0][0, -1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return [logp[c[0]].item() for c in continuations]
     rows = [(context + c)[-(block + 1):] for c in continuations]
     T = max(len(r) for r in rows) - 1
-    device = next(model.parameters()).device
     idx = torch.zeros(len(rows), T, dtype=torch.long)
     for b, r in enumerate(rows):
         idx[b, :len(r) - 1] = torch.tensor(r[:-1])
@@ -77,7 +84,7 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
 def evaluate_multiple_choice(model, tok, items: list[MCItem], task: str, progress: bool = True) -> TaskResult:
     """Accuracy (and length-normalised accuracy) of picking the most likely choice of each item."""
     t0 = time.perf_counter()
-    correct, correct_norm, per_subject = [], [], {}
+    correct, correct_norm, per_subject, picks = [], [], {}, []
     for item in tqdm(items, desc=task, unit="q", disable=not progress, leave=False):
         ctx = encode_context(tok, item.question)
         conts = [encode_plain(tok, c) for c in item.choices]
@@ -85,13 +92,14 @@ def evaluate_multiple_choice(model, tok, items: list[MCItem], task: str, progres
         pick = max(range(len(lls)), key=lambda k: lls[k])
         norm = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, item.choices)]
         pick_norm = max(range(len(norm)), key=lambda k: norm[k])
+        picks.append(pick)
         correct.append(float(pick == item.answer))
         correct_norm.append(float(pick_norm == item.answer))
         if item.subject:
             per_subject.setdefault(item.subject, []).append(correct[-1])
     acc, se = mean_and_stderr(correct)
     acc_norm, se_norm = mean_and_stderr(correct_norm)
-    extra = {"acc_norm": acc_norm, "acc_norm_stderr": se_norm}
+    extra = {"acc_norm": acc_norm, "acc_norm_stderr": se_norm, "picks": picks}
     if per_subject:
         extra["subjects"] = {s: sum(v) / len(v) for s, v in sorted(per_subject.items())}
     return TaskResult(task, len(items), acc, se, time.perf_counter() - t0, extra)
