@@ -12,7 +12,7 @@ PAPERS
     Loshchilov & Hutter, 2019 (AdamW), 2017 (cosine schedule); Pascanu et al., 2013 (gradient clipping).
 
 The training machinery is project 3's (AdamW from `configure_optimizer`, project 1's `cosine_lr`, clipping,
-atomic checkpoints through `course.checkpoint`); what is new is the data: chats rendered with the model's
+atomic checkpoints through `course.checkpoint`), in loop.py's `sft_loop` (project 5's LoRA runs the same loop); what is new is the data: chats rendered with the model's
 template, the loss on assistant tokens only (masking.py), optionally packed (packing.py).
 
 Before and after training the run measures, on held-out chats it never trains on:
@@ -30,47 +30,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 
 import torch
-from tqdm import tqdm
 
 from course.checkpoint import (atomic_write_json, capture_rng_state, load_checkpoint, remove_stale_temps,
                                restore_rng_state, save_checkpoint)
 from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
 from course.config import parse_configs
 from course.device import get_device, set_seed
-from course.errors import ConfigError, check_finite_loss, run_cli
+from course.errors import ConfigError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
-from phase1_foundation.project1_minimal_gpt.training import cosine_lr
 from phase2_finetuning.project4_sft.config import SFTConfig
-from phase2_finetuning.project4_sft.harness.identity import identity_share
-from phase2_finetuning.project4_sft.sft import (RowSampler, batch_loss, checkpoint_meta, encode_for,
-                                                end_of_turn_share, heldout_loss, load_chat_model, load_sft_data,
-                                                make_batch, pad_id, prepare_base, save_chat_format_for)
+from phase2_finetuning.project4_sft.loop import describe, measure, sft_loop
+from phase2_finetuning.project4_sft.sft import (RowSampler, checkpoint_meta, encode_for, load_chat_model,
+                                                load_sft_data, pad_id, prepare_base, save_chat_format_for)
 
 TRAIN_CMD = "uv run python phase2_finetuning/project4_sft/train_sft.py"
-
-
-def measure(cm, cfg: SFTConfig, data, held_rows, pad: int, device) -> dict:
-    """The before/after numbers (see the module docstring)."""
-    out = {"heldout_loss": heldout_loss(cm.model, held_rows, pad, cfg.batch_size, device)}
-    if cfg.gen_samples:
-        share, texts = end_of_turn_share(cm, data.heldout_chats, cfg.gen_budget, cfg.gen_samples)
-        out.update(end_of_turn=share, example=texts[0][:200] if texts else "")
-    if data.identity_questions and cfg.gen_samples:
-        out["identity"] = identity_share(cm.model, cm.tok, cm.fmt, data.identity_questions, cfg.gen_budget).accuracy
-    return out
-
-
-def describe(m: dict) -> str:
-    parts = [f"held-out loss {m['heldout_loss']:.4f}"]
-    if "end_of_turn" in m:
-        parts.append(f"end-of-turn {100 * m['end_of_turn']:.1f}%")
-    if "identity" in m:
-        parts.append(f"identity {100 * m['identity']:.1f}%")
-    return ", ".join(parts)
 
 
 def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: dict | None = None,
@@ -136,7 +112,7 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    def save(losses: dict, snapshot: tuple | None = None) -> None:
+    def save(it: int, losses: dict, snapshot: tuple | None = None) -> None:
         """A checkpoint at a step boundary; `snapshot` = (sampler, RNG) states taken when the step began."""
         sampler_state, rng_state = snapshot or (sampler.state_dict(), capture_rng_state())
         save_checkpoint(out_dir / "ckpt.pt", {
@@ -146,61 +122,16 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
             "data_meta": checkpoint_meta(out_dir), "sft_config": cfg.to_dict(), "seed": seed,
             "rng_state": rng_state, "sampler": sampler_state, "before": before, "base": cfg.base})
 
-    bar = tqdm(total=cfg.max_iters, initial=it, desc="sft", unit="it", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0)
-    model.train()
-    last_train, t0, tokens, snapshot = float("nan"), time.perf_counter(), 0, None
-    try:
-        while it < cfg.max_iters:
-            # Ctrl-C inside a step saves the state from before it: the resumed run redoes the whole step
-            snapshot = (sampler.state_dict(), capture_rng_state())
-            lr = cosine_lr(it, cfg.warmup_iters, cfg.max_iters, cfg.learning_rate, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            acc = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = make_batch([rows[i] for i in sampler.take(cfg.batch_size)], pad, block, cfg.packing, dev)
-                with autocast:
-                    loss = batch_loss(model, batch)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                acc += loss.detach().float().item() / cfg.grad_accum
-                tokens += int((batch[1] != -1).sum())
-            check_finite_loss(acc, it, hint=f"lower --learning_rate (now {cfg.learning_rate:g})")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            last_train = acc
-            if it % cfg.log_interval == 0:
-                record({"kind": "train", "iter": it, "loss": acc, "lr": lr,
-                        "trained_tokens_per_s": tokens / (time.perf_counter() - t0)})
-                bar.set_postfix(loss=f"{acc:.3f}", lr=f"{lr:.1e}", refresh=False)
-            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                with autocast:
-                    hl = heldout_loss(model, held_rows, pad, cfg.batch_size, dev)
-                record({"kind": "eval", "iter": it, "heldout_loss": hl})
-                bar.write(f"iter {it}: train loss {acc:.4f}, held-out loss {hl:.4f}")
-                save({"train": acc, "heldout": hl})
-            bar.update(1)
-            if stop_at is not None and it >= stop_at and it < cfg.max_iters:
-                bar.close()
-                log.close()
-                save({"train": acc})
-                return {"iters": it, "paused": True}
-    except KeyboardInterrupt:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
-        save({"train": last_train}, snapshot)
-        print(f"\nsaved iter {it} to {out_dir / 'ckpt.pt'}; continue with: {TRAIN_CMD} --resume "
-              f"--out_dir {cfg.out_dir}")
-        raise
-    bar.close()
+    res = sft_loop(model, optimizer, list(model.parameters()), rows, sampler, cfg, pad=pad, block=block, device=dev,
+                   autocast=autocast, scaler=scaler, start_it=it, held_rows=held_rows, record=record, save=save,
+                   saved_to=str(out_dir / "ckpt.pt"), resume_hint=f"{TRAIN_CMD} --resume --out_dir {cfg.out_dir}",
+                   progress=progress, stop_at=stop_at)
     log.close()
+    it = res.iters
+    if res.paused:
+        return {"iters": it, "paused": True}
     if state is not None and it == state["iter"]:
-        save({"train": state.get("train_loss"), "heldout": state.get("val_loss")})
+        save(it, {"train": state.get("train_loss"), "heldout": state.get("val_loss")})
 
     with autocast:
         after = measure(cm, cfg, data, held_rows, pad, dev)
