@@ -1,4 +1,4 @@
-"""Hyperparameters of project 5: a LoRA or QLoRA fine-tuning run (`LoRAConfig`).
+"""Hyperparameters of project 5: a LoRA or QLoRA fine-tuning run (`LoRAConfig`) and its benchmark (`BenchConfig`).
 
 LoRAConfig is project 4's SFTConfig (same data, masking, schedule and checks, same field names: base, data,
 batch_size, block_size, max_iters, learning_rate, out_dir, ...) plus the adapter's fields, named as peft names
@@ -15,9 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from course.config import BaseConfig
 from phase2_finetuning.project4_sft.config import SFTConfig
 
 METHODS = ("lora", "qlora")
+BENCH_METHODS = ("full", "lora", "qlora")
+EVAL_TASKS = ("arc_easy", "mmlu")
 SMOLLM2 = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -63,4 +66,41 @@ class LoRAConfig(SFTConfig):
             errors.append(f"nf4_blocksize ({self.nf4_blocksize}) must be a positive even number")
         if isinstance(self.target_modules, str) and not self.target_modules.strip(" ,"):
             errors.append("target_modules ('') must name modules (q_proj,v_proj), a regex, or all-linear")
+        return errors
+
+
+@dataclass
+class BenchConfig(BaseConfig):
+    """benchmark.py: which methods run on the LoRAConfig's steps, full fine-tuning's own rate, what is evaluated."""
+
+    methods: str = "full,lora,qlora"
+    full_learning_rate: float = 3e-5   # project 4's SmolLM2 recipe: full fine-tuning needs a ~30x lower rate
+    full_min_lr: float = 3e-6
+    eval_tasks: str = "arc_easy,mmlu"  # before (the base) and after each method; "" = none
+    eval_limit: int | None = 500       # questions per task (MMLU stratified by subject); None = the whole test set
+    eval_data_dir: str = "data"
+    in_process: bool = False           # all methods in this process (fast; peak RSS then only approximate)
+    out: str = "runs/project5/benchmark"  # writes <out>.json and <out>.md
+
+    PRESETS: ClassVar[dict] = {"cpu": {}, "gpu": {"eval_limit": None, "out": "runs/project5/benchmark-gpu"}}
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        if not self.method_list or any(m not in BENCH_METHODS for m in self.method_list):
+            errors.append(f"methods ({self.methods!r}) must be a comma-separated list of: {', '.join(BENCH_METHODS)}")
+        if any(t not in EVAL_TASKS for t in self.task_list):
+            errors.append(f"eval_tasks ({self.eval_tasks!r}) must be empty or a comma-separated list of: "
+                          f"{', '.join(EVAL_TASKS)}")
+        self.check_positive(errors, "full_learning_rate")
+        self.check_range(errors, "full_min_lr", 0.0, float("inf"))
+        if isinstance(self.eval_limit, int) and self.eval_limit <= 0:
+            errors.append(f"eval_limit ({self.eval_limit}) must be > 0 (leave it out for the whole test set)")
         return errors

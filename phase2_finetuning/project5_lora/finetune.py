@@ -4,7 +4,8 @@ it takes, and the merged export.
     prepare_adapters    project 4's prepare_base (any base + its chat format), then for qlora the block linears
                         in NF4 (nf4.quantize_model), then LoRA on the target layers (lora.inject_lora)
     adapter_optimizer   project 3's configure_optimizer: AdamW over the parameters that require grad (the adapters)
-    optimizer_state_bytes, peak_rss_bytes, reset_peak_rss, release_memory    what the benchmark measures
+    optimizer_state_bytes, peak_rss_bytes, current_rss_bytes, reset_peak_rss, release_memory: what the
+                        benchmark measures
     export_merged       the adapters merged into a float copy of the base, written as a Hugging Face folder that
                         project 3's loader (and so project 8) and transformers load
 """
@@ -94,6 +95,17 @@ def peak_rss_bytes() -> int:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if rss > 1 << 32 else rss * 1024  # macOS reports bytes, Linux kilobytes
+
+
+def current_rss_bytes() -> int | None:
+    """This process's resident set size now (Linux VmRSS), None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def reset_peak_rss() -> bool:
