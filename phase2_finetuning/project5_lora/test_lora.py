@@ -212,6 +212,13 @@ def test_our_lora_equals_peft_lora_model_with_the_same_weights(tmp_path, targets
     idx = _idx(3, 20)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], pm(idx).logits, rtol=1e-5, atol=1e-5)
+        if dropout:  # in training mode too: both draw the same masks, on the adapter's input, in the same order
+            ours.train(), pm.train()
+            torch.manual_seed(5)
+            mine = ours(idx)[0]
+            torch.manual_seed(5)
+            torch.testing.assert_close(mine, pm(idx).logits, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(mine, ours.eval()(idx)[0], atol=1e-4)  # and the dropout did something
 
 
 def test_our_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path):
