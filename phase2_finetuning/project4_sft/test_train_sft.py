@@ -55,7 +55,7 @@ def base(tmp_path_factory):
 
 def _cfg(base, out, **kw) -> SFTConfig:
     values = dict(base=str(base / "ckpt.pt"), data=f"alpaca:{base / 'chats.json'}", heldout=1, batch_size=5,
-                  max_iters=40, learning_rate=3e-2, min_lr=3e-3, warmup_iters=2, eval_interval=20, log_interval=5,
+                  max_iters=80, learning_rate=3e-2, min_lr=3e-3, warmup_iters=2, eval_interval=40, log_interval=5,
                   gen_samples=2, gen_budget=8, out_dir=str(out), device="cpu")
     return SFTConfig(**{**values, **kw}).validate_config()
 
