@@ -139,7 +139,7 @@ def read_gsm8k(path: str | Path = GSM8K_TRAIN_PATH, strip_calculator: bool = Tru
 
 
 # ---- oasst1: message trees rebuilt through parent_id ------------------------------------------------
-def _oasst_ok(row: dict) -> str | None:
+def oasst_drop_reason(row: dict) -> str | None:
     """Why a row is dropped, or None. Same filter as the dataset's own export: deleted rows and rows that
     failed human review go."""
     if row.get("deleted"):
@@ -169,7 +169,7 @@ def oasst_threads(rows: list[dict], mode: str = "top1") -> Chats:
     out = Chats([], f"oasst1 ({mode})")
     by_id, children = {}, {}
     for row in rows:
-        why = _oasst_ok(row)
+        why = oasst_drop_reason(row)
         if why:
             out.skipped[why] += 1
             continue

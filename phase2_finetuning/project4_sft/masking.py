@@ -38,6 +38,7 @@ from phase1_foundation.project2_tokenizer.chat_template import render_chat
 from phase2_finetuning.project4_sft.conversations import Chat, check_chat
 
 IGNORE = -1  # project 3's Llama.forward: cross_entropy(..., ignore_index=-1)
+_PROBE = "\ue000content\ue000"  # private-use characters: never in a template, never in real text
 
 
 def render(template: str, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
@@ -101,7 +102,14 @@ def message_spans(template: str, chat: Chat, bos_token: str = "", eos_token: str
             raise CourseError(f"the chat template is not prefix-stable (the chat up to message {k} renders "
                               "differently inside the whole chat); masking needs one that is")
         content = msg["content"].strip()
-        start = full.find(content, lo, len(prefix)) if content else len(prefix)
+        # Where the template puts message k's content: render it with a marker in its place. Searching for the
+        # content itself could match inside the framing first (a reply "a" inside "<|im_start|>assistant").
+        probe = render(template, chat[:k] + [{**msg, "content": _PROBE}], **kw)
+        at = probe.find(_PROBE)
+        if at >= lo and full.startswith(content, at):
+            start = at
+        else:  # a template that rewrites the content: the first verbatim match after the previous message
+            start = full.find(content, lo, len(prefix)) if content else len(prefix)
         if start < 0:
             raise CourseError(f"message {k} ({msg['role']}) does not appear verbatim in the rendered chat; "
                               "the template rewrites message content, which masking cannot follow")
