@@ -218,7 +218,7 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int
     table = _PAIRS.get(packed.device)
     if table is None:
         table = _PAIRS[packed.device] = _pair_table(packed.device)
-    w = table[packed.int()].view(-1, blocksize) * absmax.unsqueeze(1)
+    w = table.index_select(0, packed.int()).view(-1, blocksize) * absmax.unsqueeze(1)  # index_select: ~4x table[i]
     return w.reshape(-1)[:numel]
 
 
