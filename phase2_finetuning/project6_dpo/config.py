@@ -1,9 +1,11 @@
 """Hyperparameters of project 6: one preference-tuning run (`DPOConfig`).
 
 Presets:
-    cpu  SmolLM2-135M-Instruct on the rasbt pairs (1,094 after the drops, 100 held out), rows of 256 tokens,
-         sigmoid DPO, beta 0.1: the 2-core run of the README
-    gpu  the same model on rasbt + HH-RLHF helpful + harmless, longer rows, bf16 autocast
+    cpu  SmolLM2-135M-Instruct with LoRA (r 8 on every linear layer but the output; the reference is the base
+         with the adapters off) on the rasbt pairs (1,094 after the drops, 100 held out), rows of 256 tokens,
+         sigmoid DPO, beta 0.1, 100 steps of 8 pairs: the 2-core run of the README
+    gpu  full fine-tuning of the same model (a frozen copy as the reference) on rasbt + HH-RLHF helpful +
+         harmless, rows of 512 tokens, 400 steps of 32 pairs, bf16 autocast
 
 The names are project 4's SFTConfig names wherever the thing is the same (base, tokenizer, data, heldout,
 block_size, batch_size, grad_accum, max_iters, learning_rate, min_lr, warmup_iters, weight_decay, beta1, beta2,
@@ -43,11 +45,18 @@ class DPOConfig(BaseConfig):
     beta: float | None = None      # None = per loss type: 0.1, or 2.0 for simpo
     label_smoothing: float = 0.0   # > 0 with sigmoid: conservative DPO (the share of labels assumed flipped)
     simpo_gamma: float = 0.5       # SimPO's target reward margin
+    lora: bool = True              # train LoRA adapters (project 5) instead of every weight; the reference is
+                                   # then the base with its adapters switched off (no second copy)
+    r: int = 8                     # LoRA: project 5's names from here on
+    lora_alpha: float = 16.0       # scale = lora_alpha / r
+    lora_dropout: float = 0.0
+    target_modules: str = "all-linear"  # comma-separated names (HF's or ours, e.g. q_proj,v_proj), regexes, all-linear
+    use_rslora: bool = False
     batch_size: int = 8            # pairs per step (each pair is two rows: chosen and rejected)
     grad_accum: int = 1
     max_iters: int = 100
-    learning_rate: float = 5e-6    # peak of the cosine schedule
-    min_lr: float = 5e-7
+    learning_rate: float = 1e-4    # peak of the cosine schedule (LoRA; the full fine-tune of the gpu preset: 5e-6)
+    min_lr: float = 1e-5
     warmup_iters: int = 10
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -64,7 +73,8 @@ class DPOConfig(BaseConfig):
 
     PRESETS: ClassVar[dict] = {
         "cpu": {},
-        "gpu": {"data": "rasbt,hh_helpful,hh_harmless", "block_size": 512, "batch_size": 32, "max_iters": 400,
+        "gpu": {"lora": False, "learning_rate": 5e-6, "min_lr": 5e-7, "data": "rasbt,hh_helpful,hh_harmless",
+                "block_size": 512, "batch_size": 32, "max_iters": 400,
                 "eval_interval": 100, "gen_samples": 100, "gen_budget": 256, "out_dir": "checkpoints/project6/gpu",
                 "dtype": "bfloat16"},
     }
@@ -103,6 +113,10 @@ class DPOConfig(BaseConfig):
             errors.append(f"label_smoothing ({self.label_smoothing}) applies to loss_type sigmoid (conservative "
                           f"DPO) or simpo, not {self.loss_type}")
         self.check_range(errors, "simpo_gamma", 0.0, float("inf"))
+        self.check_positive(errors, "r", "lora_alpha")
+        self.check_range(errors, "lora_dropout", 0.0, 1.0, hi_open=True)
+        if isinstance(self.target_modules, str) and not self.target_modules.strip(" ,"):
+            errors.append("target_modules ('') must name modules (q_proj,v_proj), a regex, or all-linear")
         if self.ref is not None and self.loss_type in REFERENCE_FREE:
             errors.append(f"ref ({self.ref!r}) is unused by loss_type {self.loss_type} (reference-free); leave it out")
         for name in ("heldout", "warmup_iters", "gen_samples"):

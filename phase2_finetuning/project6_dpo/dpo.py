@@ -31,6 +31,7 @@ label-smoothed sigmoid (cDPO) and simpo.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from phase2_finetuning.project4_sft.masking import (
     encode_prompt,
 )
 from phase2_finetuning.project4_sft.reply import ChatFormat
+from phase2_finetuning.project5_lora.lora import adapters_disabled
 from phase2_finetuning.project6_dpo.config import LOSS_TYPES, SMOOTHABLE
 from phase2_finetuning.project6_dpo.preferences import Pair
 
@@ -155,6 +157,9 @@ class FrozenReference:
     def __init__(self, model):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def context(self):
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def logps(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sequence_logps(self.model, idx, targets)
@@ -163,16 +168,21 @@ class FrozenReference:
 class AdapterReference:
     """With LoRA the reference is the policy with its adapters switched off: no second copy in memory.
 
-    `adapters_disabled` is project 5's context manager (inside it the model gives exactly the base outputs).
+    `adapters_disabled` is project 5's context manager: inside it every LoRA layer returns its frozen base
+    layer's output, so the model is exactly the base it started from (the adapters' B starts at zero, so at
+    step 0 policy and reference agree exactly, and afterwards the reference never moves).
     """
 
-    def __init__(self, policy, adapters_disabled):
-        self.policy, self.adapters_disabled = policy, adapters_disabled
+    def __init__(self, policy):
+        self.model = policy
+
+    def context(self):
+        return adapters_disabled(self.model)
 
     @torch.no_grad()
     def logps(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.adapters_disabled(self.policy):
-            return sequence_logps(self.policy, idx, targets)
+        with self.context():
+            return sequence_logps(self.model, idx, targets)
 
 
 # ---- the losses --------------------------------------------------------------------------------------------

@@ -37,9 +37,11 @@ from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer
 from phase1_foundation.project3_pretrain.testing import tiny_llama
 from phase2_finetuning.project4_sft.masking import IGNORE
 from phase2_finetuning.project4_sft.sft import pad_id, prepare_base
+from phase2_finetuning.project5_lora.lora import inject_lora, lora_layers
 from phase2_finetuning.project6_dpo import download_data, preferences, train_dpo
 from phase2_finetuning.project6_dpo.config import DPOConfig
 from phase2_finetuning.project6_dpo.dpo import (
+    AdapterReference,
     FrozenReference,
     check_same_vocab,
     collate_pairs,
@@ -95,9 +97,11 @@ def cm(base):
 
 
 def _cfg(base, out, **kw) -> DPOConfig:
+    """The full-model path unless kw says lora=True (the presets' default is LoRA)."""
     values = {"base": str(base / "ckpt.pt"), "data": f"rasbt:{base / 'pairs.json'}", "heldout": 4, "batch_size": 4,
-                  "max_iters": 12, "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 2, "eval_interval": 6, "log_interval": 3,
-                  "gen_samples": 2, "gen_budget": 6, "out_dir": str(out), "device": "cpu", "block_size": None}
+              "max_iters": 12, "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 2, "eval_interval": 6,
+              "log_interval": 3, "gen_samples": 2, "gen_budget": 6, "out_dir": str(out), "device": "cpu",
+              "block_size": None, "lora": False}
     return DPOConfig(**{**values, **kw}).validate_config()
 
 
@@ -344,6 +348,74 @@ def test_reference_with_another_vocabulary_is_one_clear_error(cm):
         check_same_vocab(cm.model, tiny_llama(vocab_size=cm.model.config.vocab_size + 3))
 
 
+def test_lora_reference_is_exactly_the_base_with_no_copy(cm):
+    """The reference of a LoRA run is the policy with its adapters disabled: exactly the base's log-probs
+    (bit for bit), while the policy with trained adapters differs; at B = 0 the DPO loss is exactly ln 2."""
+    import copy
+
+    rng = random.Random(fresh_seed())
+    rows, _ = encode_pairs(cm.tok, cm.fmt, _random_pairs(rng, 4, turns=rng.randint(1, 2)), 127)
+    assert rows
+    base = copy.deepcopy(cm.model).eval()
+    policy = copy.deepcopy(cm.model).train()
+    inject_lora(policy, "all-linear", r=4, alpha=8)
+    ref = AdapterReference(policy)
+    assert ref.model is policy  # no second model in memory
+    loss, out = pair_batch(policy, ref, rows, pad_id(cm), "cpu", loss_type="sigmoid", beta=0.1)
+    assert loss.item() == torch.tensor(math.log(2)).item() and out.chosen_rewards.abs().max().item() == 0.0
+    with torch.no_grad():
+        for layer in lora_layers(policy).values():
+            layer.lora_B.normal_(0, 0.5)  # as if trained
+    idx, tgt = collate_pairs(rows, pad_id(cm))
+    policy.eval()
+    with torch.no_grad():
+        want, _ = sequence_logps(base, idx, tgt)
+        trained, _ = sequence_logps(policy, idx, tgt)
+    got, _ = ref.logps(idx, tgt)
+    assert torch.equal(got, want)
+    assert (trained - want).abs().min().item() > 1e-3  # the adapters do change the policy
+    torch.testing.assert_close(sequence_logps(policy, idx, tgt)[0].detach(), trained, rtol=0, atol=0)  # back on
+
+
+_LORA = {"lora": True, "r": 4, "lora_alpha": 8.0, "target_modules": "all-linear", "learning_rate": 3e-2,
+         "min_lr": 3e-3, "max_iters": 6, "eval_interval": 3, "gen_samples": 0}
+
+
+def test_lora_run_learns_and_exports_the_merged_model(base, tmp_path):
+    """ckpt.pt of a LoRA run holds the merged plain weights (every loader reads them) and the adapters
+    (adapter_state_dict, and adapter/ in peft's layout): both score the held-out pairs the same."""
+    from phase2_finetuning.project4_sft.sft import load_chat_model
+    from phase2_finetuning.project6_dpo.dpo import heldout_logps
+
+    summary = train_dpo.train(_cfg(base, tmp_path, **_LORA), progress=False)
+    assert summary["after"]["heldout"]["rasbt"]["margin"] > 0.05
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert state["lora_state_dict"] and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    merged = load_chat_model(str(tmp_path))
+    cm = prepare_base(str(base / "ckpt.pt"))
+    inject_lora(cm.model, "all-linear", r=4, alpha=8)
+    cm.model.load_state_dict(state["lora_state_dict"], strict=False)
+    data = preferences.load_preference_data([("rasbt", str(base / "pairs.json"))], 4, 1337)
+    rows, _ = encode_pairs(cm.tok, cm.fmt, data.heldout["rasbt"], 127)
+    ours = heldout_logps(cm.model, rows, pad_id(cm), 4, "cpu")
+    theirs = heldout_logps(merged.model, rows, pad_id(cm), 4, "cpu")
+    torch.testing.assert_close(ours["chosen"], theirs["chosen"], rtol=0, atol=1e-4)
+    assert (ours["chosen"] - heldout_logps(prepare_base(str(base / "ckpt.pt")).model, rows, pad_id(cm), 4,
+                                           "cpu")["chosen"]).abs().max() > 1e-3  # the adapters did something
+
+
+@pytest.mark.slow
+def test_lora_resume_equals_an_uninterrupted_run(base, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dpo.train(_cfg(base, a, **_LORA), progress=False)
+    assert train_dpo.train(_cfg(base, b, **_LORA), progress=False, stop_at=2)["paused"]
+    train_dpo.train(_cfg(base, b, **_LORA), resume=True, progress=False)
+    sa, sb = (torch.load(d / "ckpt.pt", weights_only=False) for d in (a, b))
+    assert sa["lora_state_dict"].keys() == sb["lora_state_dict"].keys() and sa["lora_state_dict"]
+    for k in sa["lora_state_dict"]:
+        assert torch.equal(sa["lora_state_dict"][k], sb["lora_state_dict"][k]), k
+
+
 # ---- one step equals trl's DPOTrainer ----------------------------------------------------------------------
 def test_two_steps_equal_trl_dpo_trainer(base, tmp_path):
     """Our train() (2 steps, paused after the first and resumed) and trl's DPOTrainer.train() (2 steps) from the
@@ -564,6 +636,8 @@ def test_real_files_parse_with_the_documented_counts():
     (["--block_size=0"], "block_size (0) must be > 0"),
     (["--min_lr=1", "--learning_rate=0.1"], "min_lr (1.0) must be <= learning_rate"),
     (["--max_iters=two"], "invalid int value"),
+    (["--lora", "--r=0"], "r (0) must be > 0"),
+    (["--lora", "--target_modules=,"], "target_modules ('') must name modules"),
 ])
 def test_bad_flags_are_one_line(argv, fragment):
     assert fragment in one_line_error(train_dpo.main, argv)
@@ -578,7 +652,7 @@ def test_bad_runs_are_one_line(base, tmp_path):
     torch.save({"iter": 0, "model_state_dict": big.state_dict(), "model_config": big.config.to_dict(),
                 "arch": "llama", "data_meta": {"tokenizer": str(base / "tokenizer.pkl")}}, tmp_path / "big" / "ckpt.pt")
     common = ["--base={base}", "--device=cpu", "--out_dir={out}", "--gen_samples=0", "--max_iters=1",
-              "--block_size=63"]
+              "--block_size=63", "--lora=false"]
     cases = [
         (["--data=rasbt:{bad}"], "is not valid JSON"),
         (["--data=rasbt:{out}/missing.json"], "not found; fetch it with"),
@@ -591,6 +665,8 @@ def test_bad_runs_are_one_line(base, tmp_path):
         assert fragment in one_line_error(train_dpo.main, common + argv, fill=fill), argv
     train_dpo.main([a.format(**fill) for a in common + ["--data=rasbt:{pairs}", "--no_progress"]])
     assert "--data cannot change" in one_line_error(train_dpo.main, ["--out_dir={out}", "--resume", "--data=rasbt"],
+                                                    fill=fill)
+    assert "--lora cannot change" in one_line_error(train_dpo.main, ["--out_dir={out}", "--resume", "--lora=true"],
                                                     fill=fill)
     assert "drop --preset" in one_line_error(train_dpo.main, ["--out_dir={out}", "--resume", "--preset=cpu"],
                                              fill=fill)

@@ -31,6 +31,7 @@ tokenizer_config.json, log.jsonl, loss.png, accuracy.png, rewards.png, margins.p
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -61,8 +62,15 @@ from phase2_finetuning.project4_sft.sft import (
     pad_id,
     save_chat_format_for,
 )
+from phase2_finetuning.project5_lora.lora import (
+    count_trainable,
+    inject_lora,
+    merge_and_unload,
+    save_adapter,
+)
 from phase2_finetuning.project6_dpo.config import DPOConfig
 from phase2_finetuning.project6_dpo.dpo import (
+    AdapterReference,
     FrozenReference,
     check_same_vocab,
     encode_pairs,
@@ -75,7 +83,21 @@ from phase2_finetuning.project6_dpo.preferences import load_preference_data
 
 TRAIN_CMD = "uv run python phase2_finetuning/project6_dpo/train_dpo.py"
 # What a run is made of: a --resume continues that run, it cannot swap these
-FIXED_ON_RESUME = ("base", "ref", "tokenizer", "data", "max_pairs", "heldout", "block_size", "loss_type")
+FIXED_ON_RESUME = ("base", "ref", "tokenizer", "data", "max_pairs", "heldout", "block_size", "loss_type", "lora", "r",
+                   "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+
+
+def lora_state(model) -> dict:
+    """The adapter matrices only (the base is frozen and comes back from --base on a resume)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def merged_state(model) -> dict:
+    """A plain model's weights: the adapters merged into a copy (the policy itself keeps training unmerged,
+    so a resume is exact), under the names every loader of the course reads."""
+    plain = copy.deepcopy(model)
+    merge_and_unload(plain)
+    return plain.state_dict()
 
 
 def loss_kwargs(cfg: DPOConfig) -> dict:
@@ -124,19 +146,36 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     remove_stale_temps(out_dir)
 
     # ---- the policy and its reference ----
-    cm = load_chat_model(str(out_dir) if resume else cfg.base, dev, cfg.tokenizer or "")
+    if cfg.lora:
+        # the base again (its weights are frozen), the adapters from the checkpoint when resuming
+        cm = load_chat_model(cfg.base, dev, cfg.tokenizer or "")
+        wrapped = inject_lora(cm.model, cfg.target_modules, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
+        if state is not None:
+            missing = set(lora_state(cm.model)) - set(state.get("lora_state_dict") or {})
+            if missing:
+                raise ConfigError(f"{out_dir}/ckpt.pt holds no adapter weights for {min(missing)}; it was "
+                                  "not written by a --lora run")
+            cm.model.load_state_dict(state["lora_state_dict"], strict=False)
+        trainable, total = count_trainable(cm.model)
+        note = f"LoRA r={cfg.r} on {len(wrapped)} layers: {trainable:,} trainable of {total:,} parameters"
+    else:
+        cm = load_chat_model(str(out_dir) if resume else cfg.base, dev, cfg.tokenizer or "")
+        note = cm.note
     model = cm.model
-    print(f"policy {cfg.base}: {model.num_params():,} parameters; {cm.note}")
+    print(f"policy {cfg.base}: {model.num_params():,} parameters; {note}")
     reference = None
     if not cfg.reference_free:
-        if cfg.ref is not None or resume:
+        if cfg.ref is not None or (resume and not cfg.lora):
             ref_model = load_chat_model(cfg.ref or cfg.base, dev, cfg.tokenizer or "").model
             check_same_vocab(model, ref_model)
             reference = FrozenReference(ref_model)
             del ref_model
+            how = "frozen"
+        elif cfg.lora:
+            reference, how = AdapterReference(model), "the policy with its adapters disabled (no copy)"
         else:
-            reference = FrozenReference(model)  # a frozen copy of the starting weights
-        print(f"reference: {cfg.ref or cfg.base}, frozen ({cfg.loss_type}, beta {cfg.beta_value:g})")
+            reference, how = FrozenReference(model), "frozen copy"  # of the starting weights
+        print(f"reference: {cfg.ref or cfg.base}, {how} ({cfg.loss_type}, beta {cfg.beta_value:g})")
     else:
         print(f"reference: none ({cfg.loss_type} is reference-free; beta {cfg.beta_value:g}, "
               f"gamma {cfg.simpo_gamma:g})")
@@ -191,7 +230,7 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
         out_dir.mkdir(parents=True, exist_ok=True)
         save_chat_format_for(out_dir, cm)
         if reference is not None:
-            with autocast:
+            with autocast, reference.context():
                 ref_held = {name: heldout_logps(reference.model, r, pad, cfg.batch_size, dev)
                             for name, r in held_rows.items()}
         # the policy starts as the reference unless --ref names another model: then its numbers are the same
@@ -209,8 +248,12 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     def save(losses: dict, snapshot: tuple | None = None) -> None:
         """A checkpoint at a step boundary; `snapshot` = (sampler, RNG) states taken when the step began."""
         sampler_state, rng_state = snapshot or (sampler.state_dict(), capture_rng_state())
+        if cfg.lora:
+            save_adapter(model, out_dir / "adapter", base_model_name_or_path=cfg.base)
         save_checkpoint(out_dir / "ckpt.pt", {
-            "iter": it, "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "iter": it, "model_state_dict": merged_state(model) if cfg.lora else model.state_dict(),
+            "lora_state_dict": lora_state(model) if cfg.lora else None,
+            "optimizer_state_dict": optimizer.state_dict(),
             "scaler_state_dict": scaler.state_dict(), "train_loss": losses.get("train"),
             "val_loss": losses.get("heldout"), "arch": "llama", "model_config": model.config.to_dict(),
             "data_meta": checkpoint_meta(out_dir), "dpo_config": cfg.to_dict(), "seed": seed,
