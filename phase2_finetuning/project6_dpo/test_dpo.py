@@ -507,7 +507,7 @@ def test_training_raises_the_heldout_reward_accuracy(trained):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in recs if r["kind"] == "train"] == list(range(1, 13))
-    assert [r["iter"] for r in recs if r["kind"] == "eval"] == [6, 12]
+    assert [r["iter"] for r in recs if r["kind"] == "eval"] == [0, 6, 12]
     assert summary["after"]["reply_tokens"] > 0
 
 

@@ -245,6 +245,9 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    if not resume:  # the held-out numbers at step 0 start the curves
+        record({"kind": "eval", "iter": 0, **{name: s for name, s in before["heldout"].items() if s}})
+
     def save(losses: dict, snapshot: tuple | None = None) -> None:
         """A checkpoint at a step boundary; `snapshot` = (sampler, RNG) states taken when the step began."""
         sampler_state, rng_state = snapshot or (sampler.state_dict(), capture_rng_state())
