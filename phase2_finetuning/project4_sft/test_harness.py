@@ -267,3 +267,29 @@ def test_lm_eval_agrees_with_ours_on_smollm2_questions(tmp_path):
     compare_lm_eval.main(["--limit", "6", "--out", str(tmp_path / "cmp")])
     rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
     assert [r["same_pick"] for r in rows] == [1.0, 1.0]
+
+
+# ---- forgetting.py: the paired change between two reports -----------------------------------------------------
+def test_paired_change_is_the_mean_and_standard_error_of_per_question_differences():
+    from phase2_finetuning.project4_sft.forgetting import paired_change
+    rng = random.Random(7)
+    truth = [rng.randrange(4) for _ in range(200)]
+    before = [t if rng.random() < 0.6 else (t + 1) % 4 for t in truth]
+    after = [b if rng.random() < 0.9 else rng.randrange(4) for b in before]
+    acc_b, acc_a, change, se = paired_change(before, after, truth)
+    d = torch.tensor([float(a == t) - float(b == t) for a, b, t in zip(after, before, truth)], dtype=torch.float64)
+    assert acc_a - acc_b == pytest.approx(change) and change == pytest.approx(d.mean().item())
+    assert se == pytest.approx((d.std(unbiased=True) / math.sqrt(200)).item())
+    indep = math.sqrt(acc_a * (1 - acc_a) / 199 + acc_b * (1 - acc_b) / 199)
+    assert se < indep  # same questions answered mostly alike: the paired error is the smaller one
+
+
+def test_forgetting_refuses_reports_of_different_questions(tmp_path):
+    from course.clitest import one_line_error
+    from phase2_finetuning.project4_sft import forgetting
+    for name, limit in (("a", 10), ("b", 20)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"limit": limit}, "results": []}))
+    (tmp_path / "bad.json").write_text("{")
+    assert "different --limit" in one_line_error(forgetting.main, [str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert "not an evaluate.py JSON report" in one_line_error(forgetting.main, [str(tmp_path / "bad.json"),
+                                                                                str(tmp_path / "a.json")])
