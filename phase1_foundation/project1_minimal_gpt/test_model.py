@@ -30,7 +30,7 @@ from course.cli import run_demo
 from course.clitest import assert_help_works, assert_one_line_error, one_line_error, run_script
 from course.errors import ConfigError, CourseError, run_cli
 from course.paths import REPO_ROOT
-from phase1_foundation.project1_minimal_gpt import benchmark, data, download_data, generate, train, training
+from phase1_foundation.project1_minimal_gpt import benchmark, data, download_data, generate, schedule, train, training
 from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.model import GPT, LayerNorm
 from phase1_foundation.project1_minimal_gpt.sampling import (apply_temperature, generate_text, sample_next_token,
@@ -278,7 +278,7 @@ def test_sampling_frequencies_match_filtered_distribution():
 
 # ---- training pieces --------------------------------------------------------------------------
 def test_cosine_lr_shape():
-    lr = lambda it: training.cosine_lr(it, 10, 110, 1e-3, 1e-4)  # noqa: E731
+    lr = lambda it: schedule.cosine_lr(it, 10, 110, 1e-3, 1e-4)  # noqa: E731
     assert lr(0) == pytest.approx(1e-3 / 11) and lr(9) == pytest.approx(1e-3 * 10 / 11)
     assert lr(10) == pytest.approx(1e-3)
     assert lr(60) == pytest.approx((1e-3 + 1e-4) / 2)
@@ -298,7 +298,7 @@ def test_estimate_loss_is_mean_over_batches():
         return torch.full((2, 3), v), None
 
     model = Fake().train()
-    out = training.estimate_loss(model, get_batch, 4)
+    out = schedule.estimate_loss(model, get_batch, 4)
     assert out == {"train": 1.5, "val": 5.5} and model.training
 
 

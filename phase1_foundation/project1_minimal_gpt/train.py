@@ -38,8 +38,8 @@ from phase1_foundation.project1_minimal_gpt.config import GPTConfig
 from phase1_foundation.project1_minimal_gpt.data import (DATA_PATH, DEFAULT_OUT_DIR, TRAIN_CMD, build_vocab,
                                                          encode, load_text, make_get_batch, split_data)
 from phase1_foundation.project1_minimal_gpt.model import GPT
-from phase1_foundation.project1_minimal_gpt.training import (ARCH_FIELDS, checkpoint_state, cosine_lr,
-                                                             estimate_loss, load_state, load_weights)
+from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr, estimate_loss
+from phase1_foundation.project1_minimal_gpt.training import ARCH_FIELDS, checkpoint_state, load_state, load_weights
 
 
 # ---- training -----------------------------------------------------------------------------

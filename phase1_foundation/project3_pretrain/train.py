@@ -38,7 +38,7 @@ from course.config import parse_configs
 from course.device import device_summary, get_device, set_seed
 from course.errors import ConfigError, CourseError, check_finite_loss, run_cli
 from course.paths import repo_path
-from phase1_foundation.project1_minimal_gpt.training import cosine_lr, estimate_loss
+from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr, estimate_loss
 from phase1_foundation.project3_pretrain.config import LlamaConfig, TrainConfig
 from phase1_foundation.project3_pretrain.data import TRAIN_CMD, TokenData
 from phase1_foundation.project3_pretrain.flops import count_params, gpu_peak, measure_matmul_peak, model_flops_per_token

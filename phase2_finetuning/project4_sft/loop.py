@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from course.checkpoint import capture_rng_state
 from course.errors import check_finite_loss
-from phase1_foundation.project1_minimal_gpt.training import cosine_lr
+from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr
 from phase2_finetuning.project4_sft.harness.identity import identity_share
 from phase2_finetuning.project4_sft.sft import RowSampler, batch_loss, end_of_turn_share, heldout_loss, make_batch
 

@@ -53,7 +53,7 @@ from course.device import get_device, set_seed
 from course.errors import ConfigError, check_finite_loss, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
-from phase1_foundation.project1_minimal_gpt.training import cosine_lr
+from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr
 from phase2_finetuning.project4_sft.reply import chat_reply
 from phase2_finetuning.project4_sft.sft import (
     RowSampler,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from course.device import set_seed
 from course.errors import check_finite_loss
 from course.paths import repo_path
-from phase1_foundation.project1_minimal_gpt.training import cosine_lr, estimate_loss
+from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr, estimate_loss
 from phase1_foundation.project3_pretrain.config import LlamaConfig
 from phase1_foundation.project3_pretrain.data import TokenData
 from phase1_foundation.project3_pretrain.model import Llama
