@@ -14,7 +14,10 @@ is ours exported to a Hugging Face folder and loaded by `transformers`; the toke
 GGUF reader with SmolLM2's digit split added (transformers' GGUF converter leaves it out; the script checks
 that its ids equal ours on every context and choice before it starts). Reported: accuracy of each harness with its
 standard error, the share of questions where both pick the same choice, and questions per second of each, in
-the same process (ours first, then lm-eval, per task).
+the same process, interleaved: each task's questions are cut in two halves, timed ours / lm-eval on the first and
+lm-eval / ours on the second (so a drift of the machine's speed hits both alike). Both run `--batch_size` rows
+(context + choice) per forward pass, longest first; lm-eval's time includes its per-call task set-up (about a
+second, twice per task).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from phase2_finetuning.project4_sft.harness.multiple_choice import (
     encode_context,
     encode_plain,
     evaluate_multiple_choice,
+    mean_and_stderr,
 )
 
 SMOLLM2 = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,6 +93,7 @@ def run_lm_eval(hf_model, hf_tok, items: list[tasks.MCItem], name: str, work: Pa
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+    work.mkdir(parents=True, exist_ok=True)
     data = work / f"{name}.jsonl"
     with open(data, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"id": k, "context": it.question, "choices": it.choices, "label": it.answer}) + "\n" for k, it in enumerate(items))
@@ -98,12 +103,30 @@ def run_lm_eval(hf_model, hf_tok, items: list[tasks.MCItem], name: str, work: Pa
     out = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(work)),
                           log_samples=True, verbosity="ERROR")
     seconds = time.perf_counter() - t0
-    res = out["results"][name]
     picks = {}
     for s in out["samples"][name]:
         lls = [r[0] for r in s["filtered_resps"]]
         picks[s["doc"]["id"]] = max(range(len(lls)), key=lambda k: lls[k])
-    return res["acc,none"], res["acc_stderr,none"], [picks[k] for k in range(len(items))], seconds
+    return [picks[k] for k in range(len(items))], seconds
+
+
+def interleaved(model, tok, hf_model, hf_tok, items, name: str, work: Path, batch_size: int):
+    """Ours and lm-eval on the same items, timed ABBA over two halves: (our picks, theirs, our s, their s)."""
+    half = (len(items) + 1) // 2
+    parts = [items[:half], items[half:]] if len(items) > 1 else [items]
+    our_picks, their_picks, ours_s, theirs_s = [], [], 0.0, 0.0
+    for k, part in enumerate(parts):
+        steps = ["ours", "lm_eval"] if k % 2 == 0 else ["lm_eval", "ours"]
+        for step in steps:
+            if step == "ours":
+                r = evaluate_multiple_choice(model, tok, part, name, batch_size=batch_size)
+                our_picks += r.extra["picks"]
+                ours_s += r.seconds
+            else:
+                picks, secs = run_lm_eval(hf_model, hf_tok, part, f"course_{name}_{k}", work / str(k), batch_size)
+                their_picks += picks
+                theirs_s += secs
+    return our_picks, their_picks, ours_s, theirs_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=SMOLLM2, help="anything project 3's loader takes")
     p.add_argument("--tasks", default="arc_easy,mmlu", help="comma list of: arc_easy, mmlu (0-shot)")
     p.add_argument("--limit", type=nonneg_int, default=300, help="questions per task (0 = all; MMLU stratified)")
-    p.add_argument("--batch_size", type=positive_int, default=4, help="lm-eval's batch (ours: a question's choices)")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="rows (context + choice) per forward "
+                   "pass, both harnesses")
     p.add_argument("--out", default="runs/project4/lm_eval_agreement", help="writes <out>.json and <out>.md")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
@@ -136,12 +160,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             items = load_items(name, args.limit, args.seed)
             check_same_ids(tok, hf_tok, items)
-            ours = evaluate_multiple_choice(model, tok, items, name)
-            acc, se, picks, secs = run_lm_eval(hf_model, hf_tok, items, f"course_{name}", work, args.batch_size)
-            same = sum(a == b for a, b in zip(ours.extra["picks"], picks)) / len(items)
-            rows.append({"task": name, "n": len(items), "ours": ours.accuracy, "ours_stderr": ours.stderr,
-                         "lm_eval": acc, "lm_eval_stderr": se, "same_pick": same,
-                         "ours_qps": ours.per_second, "lm_eval_qps": len(items) / secs})
+            mine, theirs, ours_s, theirs_s = interleaved(model, tok, hf_model, hf_tok, items, name, work,
+                                                         args.batch_size)
+            acc, se = mean_and_stderr([float(p == it.answer) for p, it in zip(mine, items)])
+            acc_l, se_l = mean_and_stderr([float(p == it.answer) for p, it in zip(theirs, items)])
+            same = sum(a == b for a, b in zip(mine, theirs)) / len(items)
+            rows.append({"task": name, "n": len(items), "ours": acc, "ours_stderr": se,
+                         "lm_eval": acc_l, "lm_eval_stderr": se_l, "same_pick": same,
+                         "ours_qps": len(items) / ours_s, "lm_eval_qps": len(items) / theirs_s,
+                         "batch_size": args.batch_size})
             r = rows[-1]
             print(f"{name}: ours {100 * r['ours']:.2f}% vs lm-eval {100 * r['lm_eval']:.2f}%, same pick "
                   f"{100 * same:.1f}%, {r['ours_qps']:.2f} vs {r['lm_eval_qps']:.2f} questions/s")

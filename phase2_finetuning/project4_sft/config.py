@@ -121,6 +121,7 @@ class EvalConfig(BaseConfig):
     limit: int = 0                 # questions per task (0 = all); MMLU's subset is stratified by subject
     shots: int = 0                 # few-shot examples (ARC, MMLU: from dev; GSM8K: from train)
     gen_limit: int = 0             # problems for the generative tasks (GSM8K, HumanEval); 0 = same as limit
+    batch_size: int = 16           # multiple choice: rows (context + choice) per forward pass
     max_new_tokens: int = 256
     timeout: float = 10.0          # seconds per HumanEval program
     data_dir: str = "data"
@@ -147,6 +148,6 @@ class EvalConfig(BaseConfig):
             if getattr(self, name) < 0:
                 errors.append(f"{name} ({getattr(self, name)}) must be >= 0 (0 = all)")
         self.check_range(errors, "shots", 0, 5)
-        self.check_positive(errors, "max_new_tokens", "timeout")
+        self.check_positive(errors, "batch_size", "max_new_tokens", "timeout")
         self.check_choice(errors, "dtype", DTYPES)
         return errors

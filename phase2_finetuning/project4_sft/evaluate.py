@@ -43,10 +43,10 @@ def run_task(name: str, model, tok, cfg: EvalConfig, fmt=None):
         items = tasks.subset(tasks.load_arc(kind, "Test", d), lim, cfg.seed)
         if cfg.shots:
             items = tasks.with_shots(items, tasks.load_arc(kind, "Dev", d), cfg.shots)
-        return evaluate_multiple_choice(model, tok, items, name)
+        return evaluate_multiple_choice(model, tok, items, name, batch_size=cfg.batch_size)
     if name == "mmlu":
         items = tasks.subset(tasks.load_mmlu("test", cfg.shots, data_dir=d), lim, cfg.seed, key=lambda i: i.subject)
-        return evaluate_multiple_choice(model, tok, items, name)
+        return evaluate_multiple_choice(model, tok, items, name, batch_size=cfg.batch_size)
     if name == "gsm8k":
         rows = tasks.subset(tasks.load_gsm8k("test", d), gen_lim, cfg.seed)
         shots = tasks.load_gsm8k("train", d)[:cfg.shots] if cfg.shots else []

@@ -105,6 +105,35 @@ def test_one_token_continuations_read_one_row_equal_to_one_row_each():
         assert g == pytest.approx(continuation_logprobs(model, context, [c, c + [0]])[0], abs=1e-5)  # the batch path
 
 
+def test_questions_batched_together_score_as_each_alone():
+    # several questions per forward pass (sorted, right-padded, classifier only where read) = one at a time,
+    # on fresh random items of mixed lengths, one-token and multi-token choices, some cut to the context
+    model = tiny_llama(seed=5)
+    seed = random.randrange(2**31)
+    print(f"seed {seed}")  # pytest shows it when the test fails
+    rng = random.Random(seed)
+    letters = "abcdefghij "
+    items = []
+    for k in range(13):
+        q = "".join(rng.choice(letters) for _ in range(rng.randrange(1, model.config.block_size + 20)))
+        n_tok = 1 if k % 3 == 0 else None
+        choices = ["".join(rng.choice(letters) for _ in range(n_tok or rng.randrange(1, 9))) for _ in range(4)]
+        items.append(MCItem(str(k), q, choices, rng.randrange(4)))
+    tok = ByteTok(vocab=model.config.vocab_size)
+    alone = evaluate_multiple_choice(model, tok, items, "t", progress=False, batch_size=1)
+    together = evaluate_multiple_choice(model, tok, items, "t", progress=False, batch_size=11)
+    assert together.extra["picks"] == alone.extra["picks"] and together.accuracy == alone.accuracy
+    for item in items:  # and each question's scores are continuation_logprobs' own
+        ctx, conts = tok.encode(item.question), [tok.encode(c) for c in item.choices]
+        mine = continuation_logprobs(model, ctx, conts)
+        for c, v in zip(conts, mine):
+            seq = (ctx + c)[-(model.config.block_size + 1):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0][0].double(), -1)
+            manual = sum(logp[len(seq) - 1 - len(c) + j, c[j]].item() for j in range(len(c)))
+            assert v == pytest.approx(manual, abs=1e-4)
+
+
 def test_mean_and_stderr_match_the_sample_formula():
     v = [float(x) for x in torch.randint(0, 2, (50,)).tolist()]
     m, se = mean_and_stderr(v)
