@@ -22,6 +22,24 @@ DATASETS = ("alpaca", "rasbt", "oasst1", "gsm8k", "identity")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_training_fields(cfg, errors: list[str], auto: tuple[tuple[str, str], ...] = ()) -> None:
+    """The checks every fine-tuning config shares (SFTConfig here, project 5's LoRAConfig, project 6's DPOConfig):
+    the optimiser, the schedule, the loop's counts and the dtype. `auto` names more fields where None means auto."""
+    for name, meaning in auto + (("block_size", "the model's context"), ("threads", "torch's default")):
+        if isinstance(getattr(cfg, name), int) and getattr(cfg, name) <= 0:
+            errors.append(f"{name} ({getattr(cfg, name)}) must be > 0 (leave it out for {meaning})")
+    cfg.check_positive(errors, "batch_size", "grad_accum", "max_iters", "learning_rate", "eval_interval",
+                       "log_interval", "gen_budget")
+    cfg.check_range(errors, "min_lr", 0.0, float("inf"))
+    cfg.check_range(errors, "weight_decay", 0.0, float("inf"))
+    cfg.check_range(errors, "beta1", 0.0, 1.0, hi_open=True)
+    cfg.check_range(errors, "beta2", 0.0, 1.0, hi_open=True)
+    cfg.check_range(errors, "grad_clip", 0.0, float("inf"))
+    cfg.check_choice(errors, "dtype", DTYPES)
+    if isinstance(cfg.min_lr, float) and isinstance(cfg.learning_rate, float) and cfg.min_lr > cfg.learning_rate:
+        errors.append(f"min_lr ({cfg.min_lr}) must be <= learning_rate ({cfg.learning_rate})")
+
+
 @dataclass
 class SFTConfig(BaseConfig):
     """One fine-tuning run: the base model, the chat data, the optimiser and the checks before/after."""
@@ -94,20 +112,7 @@ class SFTConfig(BaseConfig):
         for name in ("identity_chats", "heldout", "warmup_iters", "gen_samples"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} ({getattr(self, name)}) must be >= 0")
-        for name, auto in (("max_chats", "all"), ("block_size", "the model's context"), ("threads", "torch's default")):
-            if isinstance(getattr(self, name), int) and getattr(self, name) < 0:
-                errors.append(f"{name} ({getattr(self, name)}) must be > 0 (leave it out for {auto})")
-        self.check_positive(errors, "batch_size", "grad_accum", "max_iters", "learning_rate", "eval_interval",
-                            "log_interval", "gen_budget")
-        self.check_range(errors, "min_lr", 0.0, float("inf"))
-        self.check_range(errors, "weight_decay", 0.0, float("inf"))
-        self.check_range(errors, "beta1", 0.0, 1.0, hi_open=True)
-        self.check_range(errors, "beta2", 0.0, 1.0, hi_open=True)
-        self.check_range(errors, "grad_clip", 0.0, float("inf"))
-        self.check_choice(errors, "dtype", DTYPES)
-        if (isinstance(self.min_lr, float) and isinstance(self.learning_rate, float)
-                and self.min_lr > self.learning_rate):
-            errors.append(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        check_training_fields(self, errors, auto=(("max_chats", "all"),))
         if "identity" in self.datasets and self.identity_chats == 0:
             errors.append("identity_chats (0) must be > 0 when data includes identity")
         return errors

@@ -5,6 +5,8 @@ the same rows: what differs is which parameters the optimizer holds and how a ch
 two come in as arguments (`optimizer`, `params`, `save`).
 
     measure / describe   held-out assistant-token loss, end-of-turn share, identity share (before and after)
+    precision            the autocast context and loss scaler of a run (bf16/fp16 autocast on CUDA, else fp32)
+    parse_finetune_args  the command line every fine-tuning script shares (--preset, --seed, --resume, fields)
     sft_loop             warmup + cosine learning rate (project 1's cosine_lr), gradient accumulation, gradient
                          clipping, a non-finite loss stops the run, held-out loss and a checkpoint every
                          eval_interval steps, `stop_at` pauses (the resume tests), Ctrl-C saves the state from
@@ -13,6 +15,7 @@ two come in as arguments (`optimizer`, `params`, `save`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +24,40 @@ import torch
 from tqdm import tqdm
 
 from course.checkpoint import capture_rng_state
-from course.errors import check_finite_loss
+from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
+from course.config import parse_configs
+from course.errors import ConfigError, check_finite_loss
 from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr
 from phase2_finetuning.project4_sft.harness.identity import identity_share
 from phase2_finetuning.project4_sft.sft import RowSampler, batch_loss, end_of_turn_share, heldout_loss, make_batch
+
+
+def precision(device, dtype: str):
+    """(autocast context, GradScaler) for a run: `dtype` autocast on CUDA (fp16 with a dynamic loss scaler,
+    project 7); on a CPU or MPS everything stays fp32, and both are no-ops."""
+    use = device.type == "cuda" and dtype != "float32"
+    autocast = torch.autocast("cuda", dtype=getattr(torch, dtype)) if use else contextlib.nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=use and dtype == "float16")
+
+
+def parse_finetune_args(description: str, config_cls, argv=None, state_file: str = "ckpt.pt", add_args=None):
+    """The command line of train_sft.py, train_lora.py and train_dpo.py: --preset, --seed, --resume (the saved
+    run's config; single fields may be overridden, a preset may not), --no_progress, and every config field.
+    Returns (args, cfg); the config is printed unless the run resumes (the checkpoint's config wins then)."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue from OUT_DIR/{state_file} (its config; flags given here override)")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
+    if add_args is not None:
+        add_args(parser)
+    args, cfg = parse_configs(parser, config_cls, argv=argv, default_preset="cpu")
+    if args.resume and args.preset_given:
+        raise ConfigError("--resume continues the saved run's config; drop --preset (override single fields)")
+    warn_if_gpu_preset_without_gpu(args.preset, cfg.device)
+    if not args.resume:
+        cfg.print_config(f"{config_cls.__name__} (preset {args.preset})")
+    return args, cfg
 
 
 def measure(cm, cfg, data, held_rows, pad: int, device) -> dict:

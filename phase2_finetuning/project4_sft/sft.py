@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from course.errors import CourseError
+from course.errors import ConfigError, CourseError
 from course.paths import REPO_ROOT, repo_path
 from phase1_foundation.project2_tokenizer.foreign_formats import VocabPrefix
 from phase1_foundation.project2_tokenizer.formats import CourseTokenizer, load_tokenizer
@@ -125,6 +125,32 @@ def encode_for(cm: ChatModel, chats: list[Chat], block_size: int) -> tuple[list[
 
 def pad_id(cm: ChatModel) -> int:
     return cm.tok.special_tokens[cm.fmt.end_token]
+
+
+@dataclass
+class TrainingRows:
+    """What a fine-tuning run trains and is checked on: the data, its encoded rows and the row length."""
+    data: SFTData
+    rows: list[EncodedChat]
+    stats: EncodeStats
+    held_rows: list[EncodedChat]
+    block: int
+    pad: int
+
+
+def training_rows(cm: ChatModel, cfg: SFTConfig, seed: int, verbose: bool = True) -> TrainingRows:
+    """load_sft_data + encode_for on the training and held-out chats, at cfg.block_size (None: the model's)."""
+    block = cfg.block_size or cm.model.config.block_size
+    if block > cm.model.config.block_size:
+        raise ConfigError(f"block_size ({block}) must be <= the model's context ({cm.model.config.block_size})")
+    data = load_sft_data(cfg, seed)
+    rows, stats = encode_for(cm, data.train, block)
+    held_rows, held_stats = encode_for(cm, data.heldout_chats, block)
+    if verbose:
+        for line in data.lines:
+            print(line)
+        print(f"training rows: {stats.summary()}; held-out rows: {held_stats.summary()}")
+    return TrainingRows(data, rows, stats, held_rows, block, pad_id(cm))
 
 
 # ---- batches ------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ tokenizer_config.json (the chat template, in Hugging Face's layout), log.jsonl, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 
@@ -35,16 +34,14 @@ import torch
 
 from course.checkpoint import (atomic_write_json, capture_rng_state, load_checkpoint, remove_stale_temps,
                                restore_rng_state, save_checkpoint)
-from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
-from course.config import parse_configs
 from course.device import get_device, set_seed
 from course.errors import ConfigError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
 from phase2_finetuning.project4_sft.config import SFTConfig
-from phase2_finetuning.project4_sft.loop import describe, measure, sft_loop
-from phase2_finetuning.project4_sft.sft import (RowSampler, checkpoint_meta, encode_for, load_chat_model,
-                                                load_sft_data, pad_id, prepare_base, save_chat_format_for)
+from phase2_finetuning.project4_sft.loop import describe, measure, parse_finetune_args, precision, sft_loop
+from phase2_finetuning.project4_sft.sft import (RowSampler, checkpoint_meta, load_chat_model, prepare_base,
+                                                save_chat_format_for, training_rows)
 
 TRAIN_CMD = "uv run python phase2_finetuning/project4_sft/train_sft.py"
 
@@ -70,22 +67,10 @@ def train(cfg: SFTConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     cm = load_chat_model(str(out_dir), dev) if resume else prepare_base(cfg.base, cfg.tokenizer, dev)
     model = cm.model
     print(f"base {cfg.base}: {model.num_params():,} parameters; {cm.note}")
-    block = cfg.block_size or model.config.block_size
-    if block > model.config.block_size:
-        raise ConfigError(f"block_size ({block}) must be <= the model's context ({model.config.block_size})")
-
-    data = load_sft_data(cfg, seed)
-    for line in data.lines:
-        print(line)
-    rows, stats = encode_for(cm, data.train, block)
-    held_rows, held_stats = encode_for(cm, data.heldout_chats, block)
-    print(f"training rows: {stats.summary()}; held-out rows: {held_stats.summary()}")
-    pad = pad_id(cm)
+    tr = training_rows(cm, cfg, seed)
+    data, rows, stats, held_rows, pad, block = tr.data, tr.rows, tr.stats, tr.held_rows, tr.pad, tr.block
     sampler = RowSampler(len(rows), seed)
-
-    use_autocast = dev.type == "cuda" and cfg.dtype != "float32"
-    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_autocast else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_autocast and cfg.dtype == "float16")
+    autocast, scaler = precision(dev, cfg.dtype)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), dev.type)
     it, before = 0, None
     if state is not None:
@@ -162,19 +147,8 @@ def plot_losses(out_dir) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/ckpt.pt (its config; flags given here override)")
-    parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
-    args, cfg = parse_configs(parser, SFTConfig, argv=argv, default_preset="cpu")
-    if args.resume and args.preset_given:
-        raise ConfigError("--resume continues the saved run's config; drop --preset (override single fields)")
-    warn_if_gpu_preset_without_gpu(args.preset, cfg.device)
-    if not args.resume:
-        cfg.print_config(f"SFTConfig (preset {args.preset})")
+    args, cfg = parse_finetune_args(__doc__, SFTConfig, argv)
     return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress)
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -23,7 +23,6 @@ Writes <out>.json (every number, the configs, the machine) and <out>.md (the tab
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -47,14 +46,8 @@ from phase2_finetuning.project4_sft.harness import tasks
 from phase2_finetuning.project4_sft.harness.multiple_choice import (
     evaluate_multiple_choice,
 )
-from phase2_finetuning.project4_sft.loop import measure, sft_loop
-from phase2_finetuning.project4_sft.sft import (
-    RowSampler,
-    encode_for,
-    load_sft_data,
-    pad_id,
-    prepare_base,
-)
+from phase2_finetuning.project4_sft.loop import measure, precision, sft_loop
+from phase2_finetuning.project4_sft.sft import RowSampler, prepare_base, training_rows
 from phase2_finetuning.project5_lora.config import BenchConfig, LoRAConfig
 from phase2_finetuning.project5_lora.finetune import (
     adapter_optimizer,
@@ -120,17 +113,13 @@ def run_method(method: str, cfg: LoRAConfig, bench: BenchConfig, seed: int, prog
     row["ready_rss"] = current_rss_bytes()  # torch alone is ~650 MB of it on this course's machine
     reset_peak_rss()  # the training peak starts here: the model is ready
 
-    block = min(cfg.block_size or model.config.block_size, model.config.block_size)
-    data = load_sft_data(cfg, seed)
-    held_rows, _ = encode_for(cm, data.heldout_chats, block)
-    pad = pad_id(cm)
-    use_autocast = dev.type == "cuda" and cfg.dtype != "float32"
-    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_autocast else contextlib.nullcontext()
+    tr = training_rows(cm, cfg, seed, verbose=False)
+    data, held_rows, pad, block = tr.data, tr.held_rows, tr.pad, tr.block
+    autocast, scaler = precision(dev, cfg.dtype)
     if method != "base":
-        rows, stats = encode_for(cm, data.train, block)
+        rows, stats = tr.rows, tr.stats
         sampler = RowSampler(len(rows), seed)
         optimizer = adapter_optimizer(model, run_cfg, dev.type)
-        scaler = torch.amp.GradScaler(dev.type, enabled=use_autocast and cfg.dtype == "float16")
         res = sft_loop(model, optimizer, [p for g in optimizer.param_groups for p in g["params"]], rows, sampler,
                        run_cfg, pad=pad, block=block, device=dev, autocast=autocast, scaler=scaler, start_it=0,
                        held_rows=held_rows, record=lambda rec: None, save=lambda *a: None, saved_to="(nothing saved)",

@@ -24,7 +24,6 @@ adapters merged into the base: a Hugging Face folder project 3's loader and proj
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 
@@ -38,20 +37,12 @@ from course.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
-from course.config import parse_configs
 from course.device import get_device, set_seed
 from course.errors import ConfigError, CourseError, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
-from phase2_finetuning.project4_sft.loop import describe, measure, sft_loop
-from phase2_finetuning.project4_sft.sft import (
-    RowSampler,
-    encode_for,
-    load_sft_data,
-    pad_id,
-    save_chat_format_for,
-)
+from phase2_finetuning.project4_sft.loop import describe, measure, parse_finetune_args, precision, sft_loop
+from phase2_finetuning.project4_sft.sft import RowSampler, save_chat_format_for, training_rows
 from phase2_finetuning.project5_lora.config import LoRAConfig
 from phase2_finetuning.project5_lora.finetune import (
     adapter_optimizer,
@@ -115,22 +106,10 @@ def train(cfg: LoRAConfig, *, seed: int = 1337, resume: bool = False, overrides:
     for note in prep.notes:
         print(f"note: {note}")
     print(f"{cfg.method}: {prep.summary()}")
-    block = cfg.block_size or model.config.block_size
-    if block > model.config.block_size:
-        raise ConfigError(f"block_size ({block}) must be <= the model's context ({model.config.block_size})")
-
-    data = load_sft_data(cfg, seed)
-    for line in data.lines:
-        print(line)
-    rows, stats = encode_for(cm, data.train, block)
-    held_rows, held_stats = encode_for(cm, data.heldout_chats, block)
-    print(f"training rows: {stats.summary()}; held-out rows: {held_stats.summary()}")
-    pad = pad_id(cm)
+    tr = training_rows(cm, cfg, seed)
+    data, rows, stats, held_rows, pad, block = tr.data, tr.rows, tr.stats, tr.held_rows, tr.pad, tr.block
     sampler = RowSampler(len(rows), seed)
-
-    use_autocast = dev.type == "cuda" and cfg.dtype != "float32"
-    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_autocast else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_autocast and cfg.dtype == "float16")
+    autocast, scaler = precision(dev, cfg.dtype)
     optimizer = adapter_optimizer(model, cfg, dev.type)
     it, before = 0, None
     if state is not None:
@@ -216,27 +195,17 @@ def plot_losses(out_dir) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/lora_state.pt (its config; flags given here override)")
-    parser.add_argument("--merge", action="store_true",
-                        help="at the end, write OUT_DIR/merged: the adapters merged into the base, as an HF folder")
-    parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
-    args, cfg = parse_configs(parser, LoRAConfig, argv=argv, default_preset="cpu")
-    if args.resume and args.preset_given:
-        raise ConfigError("--resume continues the saved run's config; drop --preset (override single fields)")
+    def merge_flag(parser):
+        parser.add_argument("--merge", action="store_true",
+                            help="at the end, write OUT_DIR/merged: the adapters merged into the base, as an HF folder")
+    args, cfg = parse_finetune_args(__doc__, LoRAConfig, argv, state_file=STATE, add_args=merge_flag)
     if args.resume:
         shape = sorted(set(args.overrides) & {"method", "r", "lora_alpha", "target_modules", "use_rslora", "base",
                                               "nf4_blocksize", "double_quant", "tokenizer"})
         if shape:
             raise ConfigError(f"--resume keeps the saved run's adapters and base; drop --{', --'.join(shape)}")
-    warn_if_gpu_preset_without_gpu(args.preset, cfg.device)
-    if not args.resume:
-        cfg.print_config(f"LoRAConfig (preset {args.preset})")
     return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress,
                  merge=args.merge)
-
 
 if __name__ == "__main__":
     run_cli(main)

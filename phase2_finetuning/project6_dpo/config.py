@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from course.config import BaseConfig
+from phase2_finetuning.project4_sft.config import check_training_fields
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 REFERENCE_FREE = ("simpo",)                 # no reference model at all
 SMOOTHABLE = ("sigmoid", "simpo")           # label_smoothing: conservative DPO (Mitchell 2023), as trl's CPO
 DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0}  # DPO / IPO papers; SimPO's 2.0
 DATASETS = ("rasbt", "hh_helpful", "hh_harmless", "oasst1")
-DTYPES = ("float32", "bfloat16", "float16")
 SMOLLM2 = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -122,19 +122,5 @@ class DPOConfig(BaseConfig):
         for name in ("heldout", "warmup_iters", "gen_samples"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} ({getattr(self, name)}) must be >= 0")
-        for name, auto in (("max_pairs", "all"), ("block_size", "the model's context"),
-                           ("threads", "torch's default")):
-            if isinstance(getattr(self, name), int) and getattr(self, name) <= 0:
-                errors.append(f"{name} ({getattr(self, name)}) must be > 0 (leave it out for {auto})")
-        self.check_positive(errors, "batch_size", "grad_accum", "max_iters", "learning_rate", "eval_interval",
-                            "log_interval", "gen_budget")
-        self.check_range(errors, "min_lr", 0.0, float("inf"))
-        self.check_range(errors, "weight_decay", 0.0, float("inf"))
-        self.check_range(errors, "beta1", 0.0, 1.0, hi_open=True)
-        self.check_range(errors, "beta2", 0.0, 1.0, hi_open=True)
-        self.check_range(errors, "grad_clip", 0.0, float("inf"))
-        self.check_choice(errors, "dtype", DTYPES)
-        if (isinstance(self.min_lr, float) and isinstance(self.learning_rate, float)
-                and self.min_lr > self.learning_rate):
-            errors.append(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        check_training_fields(self, errors, auto=(("max_pairs", "all"),))
         return errors

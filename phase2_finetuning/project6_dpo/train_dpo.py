@@ -30,7 +30,6 @@ tokenizer_config.json, log.jsonl, loss.png, accuracy.png, rewards.png, margins.p
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -47,13 +46,12 @@ from course.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from course.cli import ArgumentParser, warn_if_gpu_preset_without_gpu
-from course.config import parse_configs
 from course.device import get_device, set_seed
 from course.errors import ConfigError, check_finite_loss, run_cli
 from course.paths import repo_path
 from course.plots import plot_curves
 from phase1_foundation.project1_minimal_gpt.schedule import cosine_lr
+from phase2_finetuning.project4_sft.loop import parse_finetune_args, precision
 from phase2_finetuning.project4_sft.reply import chat_reply
 from phase2_finetuning.project4_sft.sft import (
     RowSampler,
@@ -199,9 +197,7 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     gen_chats = [p.prompt for pairs in data.heldout.values() for p in pairs][:cfg.gen_samples]
     kw = loss_kwargs(cfg)
 
-    use_autocast = dev.type == "cuda" and cfg.dtype != "float32"
-    autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if use_autocast else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_autocast and cfg.dtype == "float16")
+    autocast, scaler = precision(dev, cfg.dtype)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), dev.type)
 
     def policy_heldout() -> dict:
@@ -381,19 +377,8 @@ def plot_run(out_dir, window: int = 5) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/ckpt.pt (its config; flags given here override)")
-    parser.add_argument("--no_progress", action="store_true", help="no tqdm bar (for logs)")
-    args, cfg = parse_configs(parser, DPOConfig, argv=argv, default_preset="cpu")
-    if args.resume and args.preset_given:
-        raise ConfigError("--resume continues the saved run's config; drop --preset (override single fields)")
-    warn_if_gpu_preset_without_gpu(args.preset, cfg.device)
-    if not args.resume:
-        cfg.print_config(f"DPOConfig (preset {args.preset})")
+    args, cfg = parse_finetune_args(__doc__, DPOConfig, argv)
     return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress)
-
 
 if __name__ == "__main__":
     run_cli(main)
