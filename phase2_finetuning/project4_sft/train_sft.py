@@ -150,5 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_finetune_args(__doc__, SFTConfig, argv)
     return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress)
 
+
 if __name__ == "__main__":
     run_cli(main)

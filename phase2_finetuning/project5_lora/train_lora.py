@@ -207,5 +207,6 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress,
                  merge=args.merge)
 
+
 if __name__ == "__main__":
     run_cli(main)

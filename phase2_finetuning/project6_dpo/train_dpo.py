@@ -380,5 +380,6 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_finetune_args(__doc__, DPOConfig, argv)
     return train(cfg, seed=args.seed, resume=args.resume, overrides=args.overrides, progress=not args.no_progress)
 
+
 if __name__ == "__main__":
     run_cli(main)
