@@ -12,11 +12,11 @@ are answered the same way twice, so this is far smaller than the two accuracies'
 from __future__ import annotations
 
 import json
-import math
 
 from course.cli import ArgumentParser, existing_file
 from course.errors import CourseError, run_cli
 from phase2_finetuning.project4_sft.harness import tasks
+from phase2_finetuning.project4_sft.harness.multiple_choice import paired_change
 
 
 def answers(task: str, limit: int, shots: int, seed: int) -> list[int]:
@@ -30,17 +30,6 @@ def answers(task: str, limit: int, shots: int, seed: int) -> list[int]:
         items = tasks.subset(tasks.load_mmlu("test", shots), limit, seed, key=lambda i: i.subject)
         return [i.answer for i in items]
     raise CourseError(f"{task} is not a multiple-choice task")
-
-
-def paired_change(before: list[int], after: list[int], truth: list[int]) -> tuple[float, float, float, float]:
-    """(accuracy before, accuracy after, change, its paired standard error)."""
-    b = [float(p == t) for p, t in zip(before, truth)]
-    a = [float(p == t) for p, t in zip(after, truth)]
-    n = len(truth)
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
-    return sum(b) / n, sum(a) / n, mean, sd / math.sqrt(n)
 
 
 def main(argv: list[str] | None = None) -> None:

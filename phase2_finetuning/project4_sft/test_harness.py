@@ -300,7 +300,7 @@ def test_lm_eval_agrees_with_ours_on_smollm2_questions(tmp_path):
 
 # ---- forgetting.py: the paired change between two reports -----------------------------------------------------
 def test_paired_change_is_the_mean_and_standard_error_of_per_question_differences():
-    from phase2_finetuning.project4_sft.forgetting import paired_change
+    from phase2_finetuning.project4_sft.harness.multiple_choice import paired_change
     rng = random.Random(7)
     truth = [rng.randrange(4) for _ in range(200)]
     before = [t if rng.random() < 0.6 else (t + 1) % 4 for t in truth]

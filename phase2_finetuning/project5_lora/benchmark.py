@@ -14,7 +14,8 @@ so every method sees the same rows in the same order), through the same loop (pr
     optimizer state      bytes of AdamW's exp_avg / exp_avg_sq / step tensors after the run
     tokens/s             trained (assistant) tokens per second of forward + backward + step, no evals
     held-out identity    share of held-out identity questions answered as "Nano" (project 4's identity task)
-    ARC-Easy / MMLU      change in accuracy (points) from the untouched base, on the same questions
+    ARC-Easy / MMLU      change in accuracy (points) from the untouched base on the same questions, ± its paired
+                         standard error (project 4's paired_change)
 Each method runs in its own process (a fresh peak, no allocator memory left over from the previous method);
 --in_process runs them in this one (faster; the peaks are then only approximate). The QLoRA row also reports
 its 4-bit base in bytes per weight, measured (bytes held by the Linear4bit buffers) and computed (nf4_bytes).
@@ -43,9 +44,7 @@ from course.device import get_device, set_seed
 from course.errors import ConfigError, CourseError, run_cli
 from course.paths import REPO_ROOT, repo_path
 from phase2_finetuning.project4_sft.harness import tasks
-from phase2_finetuning.project4_sft.harness.multiple_choice import (
-    evaluate_multiple_choice,
-)
+from phase2_finetuning.project4_sft.harness.multiple_choice import evaluate_multiple_choice, paired_change
 from phase2_finetuning.project4_sft.loop import measure, precision, sft_loop
 from phase2_finetuning.project4_sft.sft import RowSampler, prepare_base, training_rows
 from phase2_finetuning.project5_lora.config import BenchConfig, LoRAConfig
@@ -67,9 +66,10 @@ QUICK = {"max_iters": 3, "batch_size": 2, "block_size": 64, "max_chats": 6, "ide
 QUICK_BENCH = {"eval_limit": 4}
 
 
-def evaluate_tasks(model, tok, bench: BenchConfig, seed: int) -> tuple[dict, list[str]]:
-    """{task: accuracy} on the fixed subsets; a task whose data is missing is left out with a note."""
-    out, notes = {}, []
+def evaluate_tasks(model, tok, bench: BenchConfig, seed: int) -> tuple[dict, dict, list[str]]:
+    """({task: accuracy}, {task: {"picks", "answers"}}) on the fixed subsets; a task whose data is missing is left
+    out with a note. The picks give the change from the base with its paired standard error."""
+    out, picks, notes = {}, {}, []
     for name in bench.task_list:
         try:
             if name == "arc_easy":
@@ -80,8 +80,10 @@ def evaluate_tasks(model, tok, bench: BenchConfig, seed: int) -> tuple[dict, lis
         except CourseError as e:
             notes.append(f"{name}: not evaluated ({e})")
             continue
-        out[name] = evaluate_multiple_choice(model, tok, items, name, progress=False).accuracy
-    return out, notes
+        r = evaluate_multiple_choice(model, tok, items, name, progress=False)
+        out[name] = r.accuracy
+        picks[name] = {"picks": r.extra["picks"], "answers": [i.answer for i in items]}
+    return out, picks, notes
 
 
 def run_method(method: str, cfg: LoRAConfig, bench: BenchConfig, seed: int, progress: bool = False) -> dict:
@@ -135,9 +137,9 @@ def run_method(method: str, cfg: LoRAConfig, bench: BenchConfig, seed: int, prog
     model.eval()
     with autocast, torch.no_grad():
         after = measure(cm, cfg, data, held_rows, pad, dev)
-        scores, notes = evaluate_tasks(model, cm.tok, bench, seed)
+        scores, picks, notes = evaluate_tasks(model, cm.tok, bench, seed)
     row.update(heldout_loss=after["heldout_loss"], identity=after.get("identity"), end_of_turn=after.get("end_of_turn"),
-               scores=scores, peak_rss=peak_rss_bytes())
+               scores=scores, picks=picks, peak_rss=peak_rss_bytes())
     row["notes"] += notes
     return row
 
@@ -183,8 +185,12 @@ def table(rows: list[dict], base: dict, bench: BenchConfig) -> str:
                  _mib(r["peak_rss"]), _mib(r["optimizer_state_bytes"]), f"{r['tokens_per_s']:.1f}",
                  _pct(r["identity"])]
         for t in bench.task_list:
-            a, b = r["scores"].get(t), base["scores"].get(t)
-            cells.append("n/a" if a is None or b is None else f"{100 * (a - b):+.1f} pts")
+            a, b = r.get("picks", {}).get(t), base.get("picks", {}).get(t)
+            if a is None or b is None:
+                cells.append("n/a")
+                continue
+            _, _, change, se = paired_change(b["picks"], a["picks"], a["answers"])
+            cells.append(f"{100 * change:+.2f} ± {100 * se:.2f} pts")
         body.append(cells)
     return markdown_table(headers, body, "l" + "r" * (len(headers) - 1))
 

@@ -108,6 +108,19 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
+def paired_change(before: list[int], after: list[int], truth: list[int]) -> tuple[float, float, float, float]:
+    """(accuracy before, accuracy after, change, its paired standard error) of two models' picks on the same
+    questions. WHY paired: most questions are right (or wrong) for both models; the error of the change is that of
+    the per-question differences, far smaller than either accuracy's own error."""
+    b = [float(p == t) for p, t in zip(before, truth)]
+    a = [float(p == t) for p, t in zip(after, truth)]
+    n = len(truth)
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+    return sum(b) / n, sum(a) / n, mean, sd / math.sqrt(n)
+
+
 def batches(questions: list[list[Row]], max_rows: int):
     """Group questions (each a list of rows) into forward passes of at most max_rows rows, longest first.
 
