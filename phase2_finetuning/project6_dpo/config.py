@@ -124,3 +124,38 @@ class DPOConfig(BaseConfig):
                 errors.append(f"{name} ({getattr(self, name)}) must be >= 0")
         check_training_fields(self, errors, auto=(("max_pairs", "all"),))
         return errors
+
+
+EVAL_TASKS = ("arc_easy", "mmlu")
+
+
+@dataclass
+class DPOBenchConfig(BaseConfig):
+    """benchmark.py: which loss types train on the DPOConfig's pairs and steps, and what is evaluated after."""
+
+    losses: str = "sigmoid,ipo,simpo"  # comma-separated loss types; "cdpo" = sigmoid with label_smoothing 0.1
+    eval_tasks: str = "arc_easy,mmlu"  # before (the base) and after each loss; "" = none
+    eval_limit: int | None = 500       # questions per task (MMLU stratified by subject); None = the whole test set
+    out: str = "runs/project6/benchmark"  # writes <out>.json and <out>.md
+
+    PRESETS: ClassVar[dict] = {"cpu": {}, "gpu": {"eval_limit": None, "out": "runs/project6/benchmark-gpu"}}
+
+    @property
+    def loss_list(self) -> list[str]:
+        return [x.strip() for x in self.losses.split(",") if x.strip()]
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+
+    def check(self) -> list[str]:
+        errors = super().check()
+        known = LOSS_TYPES + ("cdpo",)
+        if not self.loss_list or any(x not in known for x in self.loss_list):
+            errors.append(f"losses ({self.losses!r}) must be a comma-separated list of: {', '.join(known)}")
+        if any(t not in EVAL_TASKS for t in self.task_list):
+            errors.append(f"eval_tasks ({self.eval_tasks!r}) must be empty or a comma-separated list of: "
+                          f"{', '.join(EVAL_TASKS)}")
+        if isinstance(self.eval_limit, int) and self.eval_limit <= 0:
+            errors.append(f"eval_limit ({self.eval_limit}) must be > 0 (leave it out for the whole test set)")
+        return errors

@@ -32,13 +32,14 @@ import torch
 from course.cli import run_demo
 from course.clitest import one_line_error
 from course.errors import CourseError
+from course.paths import REPO_ROOT
 from phase1_foundation.project2_tokenizer.formats import save_tokenizer
 from phase1_foundation.project2_tokenizer.tokenizer import RegexTokenizer
 from phase1_foundation.project3_pretrain.testing import tiny_llama
 from phase2_finetuning.project4_sft.masking import IGNORE
 from phase2_finetuning.project4_sft.sft import pad_id, prepare_base
 from phase2_finetuning.project5_lora.lora import inject_lora, lora_layers
-from phase2_finetuning.project6_dpo import download_data, preferences, train_dpo
+from phase2_finetuning.project6_dpo import benchmark, download_data, preferences, train_dpo
 from phase2_finetuning.project6_dpo.config import DPOConfig
 from phase2_finetuning.project6_dpo.dpo import (
     AdapterReference,
@@ -539,6 +540,26 @@ def test_resume_equals_an_uninterrupted_run(base, tmp_path, loss_type):
 
 
 # ---- the data ------------------------------------------------------------------------------------------------
+def test_benchmark_trains_each_loss_and_reports_paired_changes(base, tmp_path):
+    # one row (cDPO: the loss with the most fields changed) on the tiny base, trained by train_dpo.py in its own
+    # process; ARC-Easy on 3 questions
+    has_arc = (REPO_ROOT / "data" / "arc" / "ARC-Easy" / "ARC-Easy-Test.jsonl").is_file()
+    out = benchmark.main([f"--base={base / 'ckpt.pt'}", f"--data=rasbt:{base / 'pairs.json'}", "--heldout=4",
+                          "--batch_size=4", "--max_iters=3", "--learning_rate=1e-2", "--min_lr=1e-3",
+                          "--warmup_iters=1", "--eval_interval=3", "--gen_samples=1", "--gen_budget=4",
+                          "--block_size=128", "--lora=false", "--device=cpu", f"--out_dir={tmp_path / 'runs'}",
+                          "--losses=cdpo", f"--eval_tasks={'arc_easy' if has_arc else ''}",
+                          "--eval_limit=3", f"--out={tmp_path / 'bench'}", "--no_progress"])
+    assert [r["loss_type"] for r in out["rows"]] == ["sigmoid"]
+    cdpo = torch.load(tmp_path / "runs" / "cdpo" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert cdpo["dpo_config"]["label_smoothing"] == benchmark.CDPO_SMOOTHING
+    r = out["rows"][0]
+    assert r["before"]["heldout"]["rasbt"]["accuracy"] == 0.5 and r["iters"] == 3  # before: every reward is 0
+    if has_arc:
+        assert len(out["base_eval"]["arc_easy"]["picks"]) == 3 and "± " in out["table"]
+    assert (tmp_path / "bench.md").read_text().startswith("| loss | beta |")
+
+
 def test_hh_transcripts_become_multi_turn_chats():
     row = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: knock knock",
            "rejected": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: no."}
@@ -607,8 +628,6 @@ def test_split_is_fixed_by_the_seed_and_disjoint():
 
 
 def test_real_files_parse_with_the_documented_counts():
-    from course.paths import REPO_ROOT
-
     expected = {"rasbt": (1094, {"chosen equals rejected": 6}),
                 "hh_helpful": (2333, {"chosen equals rejected": 2, "empty response": 4, "turns do not alternate": 15}),
                 "hh_harmless": (2299, {"empty response": 4, "turns do not alternate": 9})}
