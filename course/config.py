@@ -15,7 +15,8 @@ A project's config.py subclasses BaseConfig:
 
 Scripts then do `parser = argparse.ArgumentParser(...); GPTConfig.add_args(parser)` and
 `cfg = GPTConfig.from_args(parser.parse_args())`, which gives `--preset cpu` and one flag per
-field (`--n_layer=6`, `--compile` / `--compile=false` for booleans), all listed by `--help`.
+field (`--n_layer=6`, `--compile` / `--compile=false` for booleans, `--block_size=none` for None where a field
+may be None), all listed by `--help`.
 
 Several configs from one command line (a model config and a training config, say):
 
@@ -53,6 +54,24 @@ def parse_bool(text: str | bool) -> bool:
     if low in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+
+
+class _NoneGiven:
+    """What `--field=none` parses to for an optional field: "set it to None", told apart from "not given"."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
+def _optional(tp: type):
+    """The argparse type of an `X | None` field: `none` (any case) means None, anything else parses as X."""
+    def parse(text: str):
+        return NONE_GIVEN if str(text).strip().lower() == "none" else tp(text)
+    parse.__name__ = tp.__name__  # argparse's message stays "invalid int value: 'x'"
+    return parse
 
 
 def _base_type(tp: Any) -> tuple[type, bool]:
@@ -182,7 +201,8 @@ class BaseConfig:
 # ---- several configs from one command line -------------------------------------------------------------
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields set explicitly on the command line."""
-    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+    return {k[len("cfg__"):]: (None if v is NONE_GIVEN else v) for k, v in vars(args).items()
+            if k.startswith("cfg__") and v is not None}
 
 
 def _preset(args: argparse.Namespace) -> str | None:
@@ -249,7 +269,9 @@ def add_config_args(parser: argparse.ArgumentParser, *config_classes: type[BaseC
             if tp is bool:
                 kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
             elif tp in (int, float, str):
-                kwargs.update(type=tp, metavar=tp.__name__.upper())
+                kwargs.update(type=_optional(tp) if optional else tp, metavar=tp.__name__.upper())
+                if optional:
+                    kwargs["help"] += " (none: None)"
             group.add_argument(f"--{f.name}", **kwargs)
 
 

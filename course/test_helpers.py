@@ -48,6 +48,24 @@ def test_config_presets_and_overrides():
     assert (cfg.n_layer, cfg.compile) == (3, False)
 
 
+def test_an_optional_field_is_set_to_none_from_the_command_line():
+    @dataclasses.dataclass
+    class Opt(BaseConfig):
+        limit: int | None = 500      # a non-None default that the command line must be able to turn off
+        tokenizer: str | None = None
+
+    parser = argparse.ArgumentParser()
+    Opt.add_args(parser)
+    assert Opt.from_args(parser.parse_args([])).limit == 500
+    assert Opt.from_args(parser.parse_args(["--limit=none"])).limit is None
+    assert Opt.from_args(parser.parse_args(["--limit", "None", "--tokenizer=t.pkl"])) == Opt(None, "t.pkl")
+    assert Opt.from_args(parser.parse_args(["--limit=7"])).limit == 7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--limit=seven"])  # argparse: invalid int value
+    with pytest.raises(SystemExit):
+        ToyConfig.add_args(p2 := argparse.ArgumentParser()) or p2.parse_args(["--n_layer=none"])  # not optional
+
+
 @pytest.mark.parametrize("field,value,fragment", [
     ("n_layer", 0, "n_layer (0) must be > 0"),
     ("lr", -1.0, "lr (-1.0) must be > 0"),

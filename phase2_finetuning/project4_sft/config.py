@@ -121,11 +121,11 @@ class SFTConfig(BaseConfig):
 @dataclass
 class EvalConfig(BaseConfig):
     model: str = "checkpoints/project3/cpu/ckpt.pt"  # a project 3 checkpoint, HF folder, llama2.c .bin, .gguf
-    tokenizer: str = ""            # "" = the one that comes with the model
+    tokenizer: str | None = None   # None = the one that comes with the model
     tasks: str = "arc_easy,arc_challenge,mmlu"
-    limit: int = 0                 # questions per task (0 = all); MMLU's subset is stratified by subject
+    limit: int | None = None       # questions per task (None = all); MMLU's subset is stratified by subject
     shots: int = 0                 # few-shot examples (ARC, MMLU: from dev; GSM8K: from train)
-    gen_limit: int = 0             # problems for the generative tasks (GSM8K, HumanEval); 0 = same as limit
+    gen_limit: int | None = None   # problems for the generative tasks (GSM8K, HumanEval); None = same as limit
     batch_size: int = 16           # multiple choice: rows (context + choice) per forward pass
     max_new_tokens: int = 256
     timeout: float = 10.0          # seconds per HumanEval program
@@ -137,7 +137,7 @@ class EvalConfig(BaseConfig):
 
     PRESETS: ClassVar[dict] = {
         "cpu": dict(limit=100, gen_limit=20, tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval"),
-        "gpu": dict(limit=0, dtype="bfloat16", tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval"),
+        "gpu": dict(limit=None, dtype="bfloat16", tasks="arc_easy,arc_challenge,mmlu,gsm8k,humaneval"),
     }
 
     @property
@@ -150,8 +150,8 @@ class EvalConfig(BaseConfig):
         if unknown or not self.task_list:
             errors.append(f"tasks ({self.tasks!r}) must be a comma-separated list of: {', '.join(TASKS)}")
         for name in ("limit", "gen_limit"):
-            if getattr(self, name) < 0:
-                errors.append(f"{name} ({getattr(self, name)}) must be >= 0 (0 = all)")
+            if isinstance(getattr(self, name), int) and getattr(self, name) <= 0:
+                errors.append(f"{name} ({getattr(self, name)}) must be > 0 (leave it out, or none, for all)")
         self.check_range(errors, "shots", 0, 5)
         self.check_positive(errors, "batch_size", "max_new_tokens", "timeout")
         self.check_choice(errors, "dtype", DTYPES)

@@ -5,7 +5,7 @@ course's held-out identity questions (`--tasks identity`: the share of answers n
     uv run python phase2_finetuning/project4_sft/evaluate.py --model data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --tasks arc_easy,mmlu --limit 200 --shots 0 --out runs/project4/smollm2
     uv run python phase2_finetuning/project4_sft/evaluate.py --model checkpoints/project4/smollm2-identity \
-        --tasks identity,arc_easy,mmlu --limit 0 --gen_limit 50 --out runs/project4/smollm2-identity
+        --tasks identity,arc_easy,mmlu --gen_limit 50 --out runs/project4/smollm2-identity
 
 --model is anything project 3's loader takes (a checkpoint .pt, a Hugging Face folder, a llama2.c .bin, a .gguf,
 a hub id). The methods are in harness/ (log-likelihood multiple choice, exact match, sandboxed pass@1); the
@@ -72,7 +72,7 @@ def main() -> None:
     else:
         loaded = load_model(cfg.model, device=device, dtype=DTYPES[cfg.dtype])
         model = loaded.model.eval()
-        tok = load_tokenizer_for(loaded, cfg.tokenizer or None)
+        tok = load_tokenizer_for(loaded, cfg.tokenizer)
     results = [run_task(name, model, tok, cfg, fmt) for name in cfg.task_list]
     meta = {"model": cfg.model, "shots": cfg.shots, "limit": cfg.limit, "dtype": cfg.dtype, "device": str(device)}
     js, md = write_report(results, cfg.out, meta)

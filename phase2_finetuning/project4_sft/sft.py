@@ -53,7 +53,7 @@ def _inner(tok):
     return getattr(tok, "tok", tok)
 
 
-def prepare_base(spec: str, tokenizer: str = "", device: str | torch.device = "cpu") -> ChatModel:
+def prepare_base(spec: str, tokenizer: str | None = None, device: str | torch.device = "cpu") -> ChatModel:
     """The base model with a chat format: its own (SmolLM2, an HF folder with a ChatML template) or, for a
     project 2 tokenizer without chat tokens, <|im_start|>/<|im_end|> appended and the embedding grown."""
     loaded = load_model(spec, device="cpu")
@@ -247,7 +247,7 @@ def is_sft_dir(path: Path) -> bool:
         and (path / "tokenizer.pkl").is_file()
 
 
-def load_chat_model(spec: str, device: str | torch.device = "cpu", tokenizer: str = "") -> ChatModel:
+def load_chat_model(spec: str, device: str | torch.device = "cpu", tokenizer: str | None = None) -> ChatModel:
     """A fine-tuned model (its out_dir or ckpt.pt) with its tokenizer and chat format; any other spec is
     prepared as a base (prepare_base), so chat.py can talk to the model before fine-tuning too."""
     path = repo_path(spec)

@@ -146,7 +146,7 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     # ---- the policy and its reference ----
     if cfg.lora:
         # the base again (its weights are frozen), the adapters from the checkpoint when resuming
-        cm = load_chat_model(cfg.base, dev, cfg.tokenizer or "")
+        cm = load_chat_model(cfg.base, dev, cfg.tokenizer)
         wrapped = inject_lora(cm.model, cfg.target_modules, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
         if state is not None:
             missing = set(lora_state(cm.model)) - set(state.get("lora_state_dict") or {})
@@ -157,14 +157,14 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
         trainable, total = count_trainable(cm.model)
         note = f"LoRA r={cfg.r} on {len(wrapped)} layers: {trainable:,} trainable of {total:,} parameters"
     else:
-        cm = load_chat_model(str(out_dir) if resume else cfg.base, dev, cfg.tokenizer or "")
+        cm = load_chat_model(str(out_dir) if resume else cfg.base, dev, cfg.tokenizer)
         note = cm.note
     model = cm.model
     print(f"policy {cfg.base}: {model.num_params():,} parameters; {note}")
     reference = None
     if not cfg.reference_free:
         if cfg.ref is not None or (resume and not cfg.lora):
-            ref_model = load_chat_model(cfg.ref or cfg.base, dev, cfg.tokenizer or "").model
+            ref_model = load_chat_model(cfg.ref or cfg.base, dev, cfg.tokenizer).model
             check_same_vocab(model, ref_model)
             reference = FrozenReference(ref_model)
             del ref_model

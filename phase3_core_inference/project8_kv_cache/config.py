@@ -20,11 +20,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class GenerateConfig(BaseConfig):
     model: str = "data/stories260k/stories260K.bin"  # .pt of ours | HF folder | hub id | llama2.c .bin
-    tokenizer: str = ""           # separate tokenizer file (llama2.c .bin, tokenizer.json, .pkl); "" = the model's own
+    tokenizer: str | None = None  # separate tokenizer file (llama2.c .bin, tokenizer.json, .pkl); None = the model's own
     prompt: str = ""              # "" = start from BOS
     interactive: bool = False     # read prompts from stdin, one per line
     chat: bool = False            # apply the chat template; keep the KV cache across turns
-    system: str = ""              # optional system message for --chat
+    system: str | None = None     # a system message for --chat (None = none; the template may add its own)
     max_new_tokens: int | None = None  # None = as many as fit in the context, up to 256; an explicit N >= 1 must fit
     temperature: float = 0.0      # 0 = greedy (argmax)
     top_k: int | None = None      # None = off (keep the k most likely tokens)
@@ -56,7 +56,7 @@ class GenerateConfig(BaseConfig):
         if self.max_len is not None and self.max_len < 1:
             errors.append(f"max_len ({self.max_len}) must be >= 1; leave the flag out for the model's context window")
         for name in ("prompt", "system"):  # bytes that are not UTF-8 arrive as lone surrogates and cannot be encoded
-            if not is_utf8(getattr(self, name)):
+            if getattr(self, name) is not None and not is_utf8(getattr(self, name)):
                 errors.append(f"--{name} is not valid UTF-8 text; pass plain UTF-8 characters")
         if self.chat and self.prompt:
             errors.append("--chat is interactive; drop --prompt")

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     device = get_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     loaded = load_model(cfg.model, device, dtype)
-    tokenizer = load_tokenizer_for(loaded, cfg.tokenizer or None)
+    tokenizer = load_tokenizer_for(loaded, cfg.tokenizer)
     mcfg = loaded.model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise CourseError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size}; "

@@ -159,13 +159,13 @@ def load_humaneval(data_dir: str = DATA) -> list[dict]:
     return rows
 
 
-def subset(items: list, limit: int, seed: int = 1337, key=None) -> list:
-    """A fixed subset of at most `limit` items (all of them, in order, when limit is 0 or covers them).
+def subset(items: list, limit: int | None, seed: int = 1337, key=None) -> list:
+    """A fixed subset of at most `limit` items (all of them, in order, when limit is None, 0 or covers them).
 
     With `key` (e.g. the MMLU subject) the subset is stratified: items are drawn round-robin from each group,
     each group shuffled by `seed`, so 2,000 MMLU questions still cover all 57 subjects evenly.
     """
-    if limit <= 0 or limit >= len(items):
+    if not limit or limit <= 0 or limit >= len(items):
         return list(items)
     rng = random.Random(seed)
     groups: dict = {}
