@@ -100,13 +100,24 @@ class Engine:
         logits, _ = self.model(x, kv_cache=self.cache, logits_to_keep=1)
         return logits[:, -1]
 
+    def reuse(self, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens already have their K/V in the cache: its longest common prefix
+        with `self.tokens`, at most len(prompt) - 1 (the last token is always recomputed, for fresh logits).
+
+        The one hook for what a request starts from: a subclass may first place more of the prompt's K/V in the
+        cache and return that length (project 10 copies them from a prefix cache shared by every request)."""
+        keep, n = 0, min(len(prompt) - 1, len(self.tokens))
+        while keep < n and self.tokens[keep] == prompt[keep]:
+            keep += 1
+        return keep
+
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                  generator: torch.Generator | None = None, stop_ids: set[int] | frozenset = frozenset(),
                  reuse_cache: bool = False) -> Iterator[int]:
         """Yield new token ids one by one. Stops after max_new_tokens or after yielding a stop id.
 
-        With reuse_cache, the cached tokens shared with `prompt` (its longest common prefix with
+        With reuse_cache, the cached tokens shared with `prompt` (`reuse`: its longest common prefix with
         `self.tokens`) are not recomputed: only the rest of the prompt is prefilled.
         """
         params = (params or GREEDY).check()
@@ -119,17 +130,12 @@ class Engine:
             raise CourseError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                               f"context window ({self.max_len}); lower --max_new_tokens to at most "
                               f"{self.max_len - len(prompt)}")
-        keep = 0
-        if reuse_cache:
-            n = min(len(prompt) - 1, len(self.tokens))  # always recompute >= 1 token to get fresh logits
-            while keep < n and self.tokens[keep] == prompt[keep]:
-                keep += 1
+        t0 = time.perf_counter()  # the prefill's time includes placing the reused K/V (a copy, in a subclass)
+        keep = self.reuse(prompt) if reuse_cache else 0
         self.cache.crop(keep)
         self.tokens = self.tokens[:keep]
         self.history[0, :len(prompt)] = torch.tensor(prompt, device=self.device)
         stats = self.stats = GenStats(prompt_tokens=len(prompt), reused_tokens=keep)
-
-        t0 = time.perf_counter()
         logits = self.prefill(prompt[keep:])
         self.tokens = list(prompt)
         pos = len(prompt)
