@@ -14,6 +14,9 @@ length of greedy answers to held-out prompts. Then this script scores the untouc
 policy on the same ARC-Easy / MMLU questions with project 4's harness: the change, with its paired standard
 error. A reward accuracy is each loss's own implicit reward (SimPO's is length-normalised and reference-free),
 so the accuracies compare what each objective learned to rank, not one shared judge.
+--reuse skips the training of a loss whose OUT_DIR/<loss> already holds a finished run of the same config and seed
+(a benchmark stopped half-way, or runs started by hand in parallel), and only evaluates it. "train s" is the wall
+time of the training loop (its mid-run held-out passes included).
 Writes <out>.json (every number, the configs, the machine) and <out>.md (the table), atomically.
 """
 
@@ -55,19 +58,34 @@ def loss_fields(loss: str, cfg: DPOConfig) -> dict:
     return {"loss_type": loss, "label_smoothing": 0.0}
 
 
+def finished_run(run_cfg: DPOConfig, seed: int) -> bool:
+    """--reuse: OUT_DIR holds a finished train_dpo.py run of exactly this config and seed."""
+    out = repo_path(run_cfg.out_dir)
+    if not (out / "results.json").is_file() or not (out / "ckpt.pt").is_file():
+        return False
+    state = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)
+    return state.get("dpo_config") == run_cfg.to_dict() and state.get("seed") == seed \
+        and state.get("iter") == run_cfg.max_iters
+
+
+def train_seconds(run_cfg: DPOConfig) -> float:
+    """Wall seconds of the training loop (its mid-run held-out passes and checkpoints included), from the last
+    step's pairs/s in log.jsonl (train_dpo.py logs pairs since the loop started / seconds since then)."""
+    recs = [json.loads(line) for line in open(repo_path(run_cfg.out_dir) / "log.jsonl") if line.strip()]
+    last = [r for r in recs if r["kind"] == "train"][-1]
+    return last["iter"] * run_cfg.batch_size * run_cfg.grad_accum / last["pairs_per_s"]
+
+
 def train_one(loss: str, fields: dict, progress: bool) -> dict:
     """train_dpo.py in a fresh process with these fields; returns its results.json."""
     cmd = [sys.executable, TRAIN] + [f"--{k}={v}" for k, v in fields.items() if v is not None]
     if not progress:
         cmd.append("--no_progress")
-    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, check=False, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise CourseError(f"the {loss} run failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
-    res = json.loads((repo_path(fields["out_dir"]) / "results.json").read_text())
-    res["seconds"] = time.perf_counter() - t0
-    return res
+    return json.loads((repo_path(fields["out_dir"]) / "results.json").read_text())
 
 
 def evaluate(model_spec: str, bench: DPOBenchConfig, seed: int, device) -> dict:
@@ -140,9 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
         beta = None if "beta" not in args.overrides else cfg.beta  # each loss's usual beta unless one is given
         run_cfg = DPOConfig.from_dict({**cfg.to_dict(), **change, "beta": beta,
                                        "out_dir": f"{cfg.out_dir.rstrip('/')}/{loss}"}).validate_config()
-        print(f"{loss}: {run_cfg.max_iters} steps of {run_cfg.batch_size} pairs into {run_cfg.out_dir}")
-        res = train_one(loss, {**run_cfg.to_dict(), "seed": args.seed}, not args.no_progress)
-        res.update(label=loss if loss != "cdpo" else f"cdpo (smoothing {CDPO_SMOOTHING:g})", beta=run_cfg.beta_value,
+        if bench.reuse and finished_run(run_cfg, args.seed):
+            print(f"{loss}: reusing the finished run in {run_cfg.out_dir} (same config and seed)")
+            res = json.loads((repo_path(run_cfg.out_dir) / "results.json").read_text())
+        else:
+            print(f"{loss}: {run_cfg.max_iters} steps of {run_cfg.batch_size} pairs into {run_cfg.out_dir}")
+            res = train_one(loss, {**run_cfg.to_dict(), "seed": args.seed}, not args.no_progress)
+        res.update(seconds=train_seconds(run_cfg), label=loss if loss != "cdpo" else f"cdpo (smoothing {CDPO_SMOOTHING:g})", beta=run_cfg.beta_value,
                    eval=evaluate(run_cfg.out_dir, bench, args.seed, device))
         rows.append(res)
     md = table(rows, base_eval, bench)

@@ -137,6 +137,7 @@ class DPOBenchConfig(BaseConfig):
     eval_tasks: str = "arc_easy,mmlu"  # before (the base) and after each loss; "" = none
     eval_limit: int | None = 500       # questions per task (MMLU stratified by subject); None = the whole test set
     out: str = "runs/project6/benchmark"  # writes <out>.json and <out>.md
+    reuse: bool = False                # a loss whose out_dir holds a finished run of the same config is not retrained
 
     PRESETS: ClassVar[dict] = {"cpu": {}, "gpu": {"eval_limit": None, "out": "runs/project6/benchmark-gpu"}}
 

@@ -539,17 +539,16 @@ def test_resume_equals_an_uninterrupted_run(base, tmp_path, loss_type):
     assert la == lb
 
 
-# ---- the data ------------------------------------------------------------------------------------------------
 def test_benchmark_trains_each_loss_and_reports_paired_changes(base, tmp_path):
     # one row (cDPO: the loss with the most fields changed) on the tiny base, trained by train_dpo.py in its own
     # process; ARC-Easy on 3 questions
     has_arc = (REPO_ROOT / "data" / "arc" / "ARC-Easy" / "ARC-Easy-Test.jsonl").is_file()
-    out = benchmark.main([f"--base={base / 'ckpt.pt'}", f"--data=rasbt:{base / 'pairs.json'}", "--heldout=4",
-                          "--batch_size=4", "--max_iters=3", "--learning_rate=1e-2", "--min_lr=1e-3",
-                          "--warmup_iters=1", "--eval_interval=3", "--gen_samples=1", "--gen_budget=4",
-                          "--block_size=128", "--lora=false", "--device=cpu", f"--out_dir={tmp_path / 'runs'}",
-                          "--losses=cdpo", f"--eval_tasks={'arc_easy' if has_arc else ''}",
-                          "--eval_limit=3", f"--out={tmp_path / 'bench'}", "--no_progress"])
+    argv = [f"--base={base / 'ckpt.pt'}", f"--data=rasbt:{base / 'pairs.json'}", "--heldout=4", "--batch_size=4",
+            "--max_iters=3", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=1", "--eval_interval=3",
+            "--gen_samples=1", "--gen_budget=4", "--block_size=128", "--lora=false", "--device=cpu",
+            f"--out_dir={tmp_path / 'runs'}", "--losses=cdpo", f"--eval_tasks={'arc_easy' if has_arc else ''}",
+            "--eval_limit=3", f"--out={tmp_path / 'bench'}", "--no_progress"]
+    out = benchmark.main(argv)
     assert [r["loss_type"] for r in out["rows"]] == ["sigmoid"]
     cdpo = torch.load(tmp_path / "runs" / "cdpo" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert cdpo["dpo_config"]["label_smoothing"] == benchmark.CDPO_SMOOTHING
@@ -558,8 +557,16 @@ def test_benchmark_trains_each_loss_and_reports_paired_changes(base, tmp_path):
     if has_arc:
         assert len(out["base_eval"]["arc_easy"]["picks"]) == 3 and "± " in out["table"]
     assert (tmp_path / "bench.md").read_text().startswith("| loss | beta |")
+    ckpt = tmp_path / "runs" / "cdpo" / "ckpt.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    again = benchmark.main(argv + ["--reuse"])  # the finished run is evaluated, not trained again
+    assert ckpt.stat().st_mtime_ns == stamp and again["rows"][0]["after"] == r["after"]
+    changed = benchmark.main([a for a in argv if not a.startswith("--max_iters")] + ["--max_iters=2", "--reuse",
+                                                                                   "--eval_tasks="])
+    assert ckpt.stat().st_mtime_ns != stamp and changed["rows"][0]["iters"] == 2  # another config: trained
 
 
+# ---- the data ------------------------------------------------------------------------------------------------
 def test_hh_transcripts_become_multi_turn_chats():
     row = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: knock knock",
            "rejected": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: no."}
