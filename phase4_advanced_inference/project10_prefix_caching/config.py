@@ -58,5 +58,5 @@ class PrefixCacheConfig(BaseConfig):
         self.check_range(errors, "shots", 0, 5)
         self.check_choice(errors, "dtype", DTYPES)
         if isinstance(self.subjects, str) and not self.subject_list:
-            errors.append("subjects ('') must name at least one MMLU subject, e.g. machine_learning")
+            errors.append(f"subjects ({self.subjects!r}) must name at least one MMLU subject, e.g. machine_learning")
         return errors

@@ -145,8 +145,9 @@ class PrefixStore:
             a, b = max(start, pos), min(match.length, pos + n)
             if a < b:
                 cache.begin(b - a)
+                lo, hi = a - pos, b - pos  # this piece's positions a .. b-1, in its own coordinates
                 for layer in range(self.spec.n_layers):
-                    cache.update(layer, piece.k[layer, None, :, a - pos:b - pos], piece.v[layer, None, :, a - pos:b - pos])
+                    cache.update(layer, piece.k[layer, None, :, lo:hi], piece.v[layer, None, :, lo:hi])
             pos += n
 
     # ---- counters ------------------------------------------------------------------------------------

@@ -165,7 +165,8 @@ class RadixCache(PrefixStore):
         top = Node(node.tokens[:c], node.k[:, :, :c].clone(), node.v[:, :, :c].clone(), node.parent, node.last_access)
         top.ref = node.ref
         node.parent.children[node.tokens[0]] = top
-        node.tokens, node.k, node.v, node.parent = node.tokens[c:], node.k[:, :, c:].clone(), node.v[:, :, c:].clone(), top
+        node.tokens, node.parent = node.tokens[c:], top
+        node.k, node.v = node.k[:, :, c:].clone(), node.v[:, :, c:].clone()
         top.children[node.tokens[0]] = node
         return top
 

@@ -311,6 +311,24 @@ def test_chat_turn_n_prefills_only_its_new_tokens():
             chats[c] = prompt + out
 
 
+@torch.no_grad()
+def test_a_request_stopped_early_or_refused_leaves_the_store_consistent():
+    model = tiny_llama()
+    store = RadixCache.for_model(model, 1.0)
+    engine = PrefixCachingEngine(model, store, max_len=32)
+    prompt = list(range(1, 11))
+    gen = engine.generate(prompt, 10)
+    first, second = next(gen), next(gen)
+    gen.close()  # the consumer stops (Ctrl-C, a break): what was computed goes into the store, the lock is released
+    assert store.cached_length(prompt + [first, second]) == 11 and all(n.ref == 0 for n in store.nodes())
+    with pytest.raises(CourseError, match="context window"):
+        list(engine.generate(list(range(40)), 1))
+    assert all(n.ref == 0 for n in store.nodes()) and store.nbytes == sum(n.nbytes for n in store.nodes())
+    engine.reset()
+    assert list(engine.generate(prompt, 3)) == list(Engine(model, max_len=32).generate(prompt, 3))
+    assert engine.from_store == 9
+
+
 # ---- project 4's scorer through the cache ----------------------------------------------------------------------
 class ByteTok:
     """Bytes mod the tiny vocabulary; no BOS."""
