@@ -128,10 +128,15 @@ class Attention(nn.Module):
     IMPLEMENTATION: F.scaled_dot_product_attention (flash kernels on GPU) with enable_gqa, which reads each KV
     head once for its whole group instead of materialising repeated copies.
     WHY: the KV cache shrinks by n_head / n_kv_head, which is what makes long-context decoding affordable.
+    THE ATTEND HOOK: `attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False) -> y` is
+    the one call that turns q, k, v into the heads' outputs, with SDPA's contract (the default is SDPA itself).
+    `Llama(config, attend=fn)` builds a model whose layers call another algorithm with the same contract (project
+    9's tiled flash attention and flash-decoding); weights, state dict and everything else stay the same.
     """
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, attend=None):
         super().__init__()
+        self.attend = attend or F.scaled_dot_product_attention
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.hd
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.hd, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.hd, bias=False)
@@ -156,12 +161,12 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, k, v)  # stores the new K/V, returns every key/value to attend to
         drop = self.dropout if self.training else 0.0
         if mask is not None:  # from the cache: a chunk after cached keys, or rows of different lengths
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
+            y = self.attend(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=self.gqa)
         elif T == 1:  # decode step: the one query sees every key it was given, no mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, enable_gqa=self.gqa)
+            y = self.attend(q, k, v, dropout_p=drop, enable_gqa=self.gqa)
         else:  # plain prefill: the standard causal mask (a branch, not is_causal=T > 1: under torch.compile
             # with dynamic shapes T > 1 is a symbolic bool, which SDPA refuses, and the whole forward ran eager)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.gqa)
+            y = self.attend(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.wo(y)
 
@@ -189,10 +194,10 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (as in project 1, with RMSNorm)."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, attend=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, attend)
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -203,14 +208,16 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder: token embedding -> n_layer blocks -> RMSNorm -> lm_head (optionally tied to the embedding)."""
+    """The decoder: token embedding -> n_layer blocks -> RMSNorm -> lm_head (optionally tied to the embedding).
 
-    def __init__(self, config: LlamaConfig):
+    `attend`: the attention algorithm of every layer (Attention's hook, SDPA's contract); None = SDPA."""
+
+    def __init__(self, config: LlamaConfig, attend=None):
         super().__init__()
         config.validate_config()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, attend) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -181,6 +181,25 @@ def test_rows_at_their_own_positions_equal_each_row_alone(n_kv_head):
         torch.testing.assert_close(out[1], model(b[None])[0][0, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_attend_hook_is_the_one_attention_call_and_changes_nothing_else():
+    """Llama(config, attend=fn): every layer's attention goes through fn with SDPA's contract (prefill, decode
+    with a cache, a masked chunk); an fn that is SDPA gives the same logits as the default model."""
+    calls = []
+
+    def counting_sdpa(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2], kw.get("attn_mask") is not None, kw.get("is_causal", False)))
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    ref = tiny()
+    hooked = Llama(ref.config, attend=counting_sdpa).eval()
+    hooked.load_state_dict(ref.state_dict())
+    assert set(hooked.state_dict()) == set(ref.state_dict())
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(idx)[0], ref(idx)[0], rtol=0, atol=0)
+    assert calls == [(9, 9, False, True)] * TINY["n_layer"]
+
+
 def test_context_longer_than_block_size_is_a_clear_error():
     with pytest.raises(CourseError, match="block_size"):
         tiny()(torch.zeros(1, 33, dtype=torch.long))
