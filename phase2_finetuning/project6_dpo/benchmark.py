@@ -15,7 +15,8 @@ policy on the same ARC-Easy / MMLU questions with project 4's harness: the chang
 error. A reward accuracy is each loss's own implicit reward (SimPO's is length-normalised and reference-free),
 so the accuracies compare what each objective learned to rank, not one shared judge.
 --reuse skips the training of a loss whose OUT_DIR/<loss> already holds a finished run of the same config and seed
-(a benchmark stopped half-way, or runs started by hand in parallel), and only evaluates it. "train s" is the wall
+(a benchmark stopped half-way, or runs started by hand in parallel), and only evaluates it; scores of the same
+model on the same questions (kept in OUT_DIR/base_eval.json and OUT_DIR/<loss>/bench_eval.json) are read back. "train s" is the wall
 time of the training loop (its mid-run held-out passes included).
 Writes <out>.json (every number, the configs, the machine) and <out>.md (the table), atomically.
 """
@@ -28,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -88,10 +90,22 @@ def train_one(loss: str, fields: dict, progress: bool) -> dict:
     return json.loads((repo_path(fields["out_dir"]) / "results.json").read_text())
 
 
-def evaluate(model_spec: str, bench: DPOBenchConfig, seed: int, device) -> dict:
-    """{task: {"accuracy", "picks", "answers"}} on the fixed subsets (project 4's harness and data)."""
+def evaluate(model_spec: str, bench: DPOBenchConfig, seed: int, device, cache: Path) -> dict:
+    """{task: {"accuracy", "picks", "answers"}} on the fixed subsets (project 4's harness and data).
+
+    The scores are kept in `cache` with what they are of (model, its checkpoint's time stamp, tasks, limit, seed);
+    --reuse reads them back instead of scoring the same model on the same questions again."""
     if not bench.task_list:
         return {}
+    path = repo_path(model_spec)
+    ckpt = path / "ckpt.pt" if path.is_dir() else path
+    key = {"model": model_spec, "stamp": ckpt.stat().st_mtime_ns if ckpt.exists() else None,
+           "tasks": bench.task_list, "limit": bench.eval_limit, "seed": seed}
+    if bench.reuse and cache.is_file():
+        held = json.loads(cache.read_text())
+        if held.get("key") == key:
+            print(f"  reusing the scores of {model_spec} in {cache}")
+            return held["scores"]
     cm = load_chat_model(model_spec, device)
     model = cm.model.eval()
     out = {}
@@ -103,6 +117,8 @@ def evaluate(model_spec: str, bench: DPOBenchConfig, seed: int, device) -> dict:
             items = tasks.subset(tasks.load_mmlu("test", 0), limit, seed, key=lambda i: i.subject)
         r = evaluate_multiple_choice(model, cm.tok, items, name, progress=False)
         out[name] = {"accuracy": r.accuracy, "picks": r.extra["picks"], "answers": [i.answer for i in items]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cache, {"key": key, "scores": out})
     return out
 
 
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = get_device(cfg.device)
     t0 = time.perf_counter()
     print(f"base: evaluating {cfg.base} on {bench.eval_tasks or 'nothing'}")
-    base_eval = evaluate(cfg.base, bench, args.seed, device)
+    base_eval = evaluate(cfg.base, bench, args.seed, device, repo_path(cfg.out_dir) / "base_eval.json")
     rows = []
     for loss in bench.loss_list:
         change = loss_fields(loss, cfg)
@@ -165,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{loss}: {run_cfg.max_iters} steps of {run_cfg.batch_size} pairs into {run_cfg.out_dir}")
             res = train_one(loss, {**run_cfg.to_dict(), "seed": args.seed}, not args.no_progress)
         res.update(seconds=train_seconds(run_cfg), label=loss if loss != "cdpo" else f"cdpo (smoothing {CDPO_SMOOTHING:g})", beta=run_cfg.beta_value,
-                   eval=evaluate(run_cfg.out_dir, bench, args.seed, device))
+                   eval=evaluate(run_cfg.out_dir, bench, args.seed, device,
+                                 repo_path(run_cfg.out_dir) / "bench_eval.json"))
         rows.append(res)
     md = table(rows, base_eval, bench)
     base_line = ", ".join(f"{t} {100 * e['accuracy']:.1f}%" for t, e in base_eval.items())

@@ -559,8 +559,9 @@ def test_benchmark_trains_each_loss_and_reports_paired_changes(base, tmp_path):
     assert (tmp_path / "bench.md").read_text().startswith("| loss | beta |")
     ckpt = tmp_path / "runs" / "cdpo" / "ckpt.pt"
     stamp = ckpt.stat().st_mtime_ns
-    again = benchmark.main(argv + ["--reuse"])  # the finished run is evaluated, not trained again
+    again = benchmark.main(argv + ["--reuse"])  # the finished run is neither trained nor scored again
     assert ckpt.stat().st_mtime_ns == stamp and again["rows"][0]["after"] == r["after"]
+    assert again["rows"][0]["eval"] == r["eval"] and again["base_eval"] == out["base_eval"]
     changed = benchmark.main([a for a in argv if not a.startswith("--max_iters")] + ["--max_iters=2", "--reuse",
                                                                                    "--eval_tasks="])
     assert ckpt.stat().st_mtime_ns != stamp and changed["rows"][0]["iters"] == 2  # another config: trained
