@@ -405,6 +405,10 @@ def test_a_prompt_shorter_than_a_block_is_served_and_never_hits():
         serve(engine, model, short, n=3)  # 5 + 2 tokens: no full block, nothing stored, nothing found
         assert engine.from_store == 0
     assert store.hit_tokens == 0 and store.nbytes == 0 and store.miss_tokens == 10
+    radix = recording_engine(model, RadixCache.for_model(model, 1.0))
+    for _ in range(2):  # a one-token prompt: its token is always computed (its logits give the first new token)
+        serve(radix, model, [7], n=3)
+        assert radix.from_store == 0
 
 
 def test_forward_refuses_what_it_cannot_compute():
