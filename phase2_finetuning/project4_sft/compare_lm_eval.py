@@ -62,12 +62,6 @@ metric_list:
 """
 
 
-def load_items(task: str, limit: int, seed: int) -> list[tasks.MCItem]:
-    if task == "arc_easy":
-        return tasks.subset(tasks.load_arc("Easy", "Test"), limit, seed)
-    return tasks.subset(tasks.load_mmlu("test", 0), limit, seed, key=lambda i: i.subject)
-
-
 def hf_tokenizer(gguf: Path):
     """transformers' tokenizer from the GGUF file, with SmolLM2's pre-tokenizer (digits split one by one)."""
     from tokenizers import pre_tokenizers
@@ -158,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         hf_model = LlamaForCausalLM.from_pretrained(work / "hf", torch_dtype=torch.float32).eval()
         hf_tok = hf_tokenizer(path)
         for name in names:
-            items = load_items(name, args.limit, args.seed)
+            items = tasks.comparison_subset(name, args.limit, args.seed)
             check_same_ids(tok, hf_tok, items)
             mine, theirs, ours_s, theirs_s = interleaved(model, tok, hf_model, hf_tok, items, name, work,
                                                          args.batch_size)

@@ -72,11 +72,7 @@ def evaluate_tasks(model, tok, bench: BenchConfig, seed: int) -> tuple[dict, dic
     out, picks, notes = {}, {}, []
     for name in bench.task_list:
         try:
-            if name == "arc_easy":
-                items = tasks.subset(tasks.load_arc("Easy", "Test", bench.eval_data_dir), bench.eval_limit or 0, seed)
-            else:
-                items = tasks.subset(tasks.load_mmlu("test", 0, data_dir=bench.eval_data_dir), bench.eval_limit or 0,
-                                     seed, key=lambda i: i.subject)
+            items = tasks.comparison_subset(name, bench.eval_limit, seed, bench.eval_data_dir)
         except CourseError as e:
             notes.append(f"{name}: not evaluated ({e})")
             continue

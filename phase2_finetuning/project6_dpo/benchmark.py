@@ -109,12 +109,8 @@ def evaluate(model_spec: str, bench: DPOBenchConfig, seed: int, device, cache: P
     cm = load_chat_model(model_spec, device)
     model = cm.model.eval()
     out = {}
-    limit = bench.eval_limit or 0
     for name in bench.task_list:
-        if name == "arc_easy":
-            items = tasks.subset(tasks.load_arc("Easy", "Test"), limit, seed)
-        else:
-            items = tasks.subset(tasks.load_mmlu("test", 0), limit, seed, key=lambda i: i.subject)
+        items = tasks.comparison_subset(name, bench.eval_limit, seed)
         r = evaluate_multiple_choice(model, cm.tok, items, name, progress=False)
         out[name] = {"accuracy": r.accuracy, "picks": r.extra["picks"], "answers": [i.answer for i in items]}
     cache.parent.mkdir(parents=True, exist_ok=True)

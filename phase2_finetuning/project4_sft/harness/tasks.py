@@ -180,3 +180,13 @@ def subset(items: list, limit: int | None, seed: int = 1337, key=None) -> list:
                 picked.append(g[k])
         k += 1
     return picked
+
+
+def comparison_subset(task: str, limit: int | None, seed: int = 1337, data_dir: str = DATA) -> list[MCItem]:
+    """The 0-shot test questions a before/after comparison scores: ARC-Easy's seeded subset, or MMLU's
+    subject-stratified one (all of them when limit is None or 0). The same arguments give the same questions."""
+    if task == "arc_easy":
+        return subset(load_arc("Easy", "Test", data_dir), limit, seed)
+    if task == "mmlu":
+        return subset(load_mmlu("test", 0, data_dir=data_dir), limit, seed, key=lambda i: i.subject)
+    raise CourseError(f"task must be arc_easy or mmlu, got {task!r}")
