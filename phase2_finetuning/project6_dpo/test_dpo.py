@@ -374,7 +374,8 @@ def test_lora_reference_is_exactly_the_base_with_no_copy(cm):
         trained, _ = sequence_logps(policy, idx, tgt)
     got, _ = ref.logps(idx, tgt)
     assert torch.equal(got, want)
-    assert (trained - want).abs().min().item() > 1e-3  # the adapters do change the policy
+    # the adapters do change the policy (max over rows: a sequence's summed log-prob can move by ~0 by chance)
+    assert (trained - want).abs().max().item() > 1e-2
     torch.testing.assert_close(sequence_logps(policy, idx, tgt)[0].detach(), trained, rtol=0, atol=0)  # back on
 
 
