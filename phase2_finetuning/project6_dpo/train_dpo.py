@@ -216,6 +216,7 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
         return out
 
     it, before, ref_held = 0, None, None
+    last_lp: tuple[int, dict | None] = (-1, None)  # (step, the policy's held-out log-probs at that step)
     if state is not None:
         optimizer.load_state_dict(state["optimizer_state_dict"])
         scaler.load_state_dict(state["scaler_state_dict"])
@@ -295,7 +296,8 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
                 bar.set_postfix(loss=f"{acc:.3f}", acc=f"{rs['accuracy']:.2f}", margin=f"{rs['margin']:+.2f}",
                                 refresh=False)
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                held = heldout_numbers(policy_heldout(), ref_held)
+                last_lp = (it, policy_heldout())  # the last step's is also the "after" below: computed once
+                held = heldout_numbers(last_lp[1], ref_held)
                 record({"kind": "eval", "iter": it, **{name: s for name, s in held.items() if s}})
                 bar.write(f"iter {it}: train loss {acc:.4f}; " + "; ".join(
                     f"{name} held-out loss {s['loss']:.4f} accuracy {100 * s['accuracy']:.1f}%"
@@ -318,7 +320,7 @@ def train(cfg: DPOConfig, *, seed: int = 1337, resume: bool = False, overrides: 
     if state is not None and it == state["iter"]:
         save({"train": state.get("train_loss"), "heldout": state.get("val_loss")})
 
-    after = measure(policy_heldout(), ref_held)
+    after = measure(last_lp[1] if last_lp[0] == it else policy_heldout(), ref_held)
     plot_run(out_dir, cfg.log_interval)
     summary = {"base": cfg.base, "loss_type": cfg.loss_type, "beta": cfg.beta_value, "iters": it,
                "train_pairs": stats.rows, "skipped": dict(stats.skipped), "before": before, "after": after}
