@@ -111,6 +111,19 @@ class Engine:
             keep += 1
         return keep
 
+    def check_request(self, prompt: list[int], max_new_tokens: int) -> None:
+        """One line for a request that cannot run: an empty prompt, or one that with its new tokens outgrows the
+        context window (also what project 11's speculative engine checks before its own loop)."""
+        if not prompt:
+            raise CourseError("the prompt is empty: give at least one token (e.g. BOS)")
+        if len(prompt) > self.max_len:
+            raise CourseError(f"the prompt has {len(prompt)} tokens but the context window is {self.max_len}; "
+                              "shorten it")
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise CourseError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"context window ({self.max_len}); lower --max_new_tokens to at most "
+                              f"{self.max_len - len(prompt)}")
+
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                  generator: torch.Generator | None = None, stop_ids: set[int] | frozenset = frozenset(),
@@ -121,15 +134,7 @@ class Engine:
         `self.tokens`) are not recomputed: only the rest of the prompt is prefilled.
         """
         params = (params or GREEDY).check()
-        if not prompt:
-            raise CourseError("the prompt is empty: give at least one token (e.g. BOS)")
-        if len(prompt) > self.max_len:
-            raise CourseError(f"the prompt has {len(prompt)} tokens but the context window is {self.max_len}; "
-                              "shorten it")
-        if len(prompt) + max_new_tokens > self.max_len:
-            raise CourseError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                              f"context window ({self.max_len}); lower --max_new_tokens to at most "
-                              f"{self.max_len - len(prompt)}")
+        self.check_request(prompt, max_new_tokens)
         t0 = time.perf_counter()  # the prefill's time includes placing the reused K/V (a copy, in a subclass)
         keep = self.reuse(prompt) if reuse_cache else 0
         self.cache.crop(keep)
