@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         drafter = build_drafter(cfg.speculative, model, max_len, draft, cfg.draft_layers, cfg.max_ngram,
                                 cfg.min_ngram)
         engine = SpeculativeEngine(model, drafter, cfg.k, max_len, cfg.adaptive, cfg.k_max)
+    engine.check_request(ids, n)  # a request that cannot fit: its one line, before anything is printed
     stop = stop_ids(tok, loaded.kind)
     print(f"[{loaded.kind} model {loaded.path} ({model.num_params() / 1e6:.2f}M params, {model.config.n_layer} "
           f"layers) on {device}, {cfg.dtype}; {len(ids)} prompt tokens; decoding: "
