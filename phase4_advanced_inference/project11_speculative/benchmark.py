@@ -219,7 +219,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=MODEL, help="default: %(default)s")
     p.add_argument("--tasks", type=task_list, default=list(workloads.TASKS), help="default: all three sets")
-    p.add_argument("--per_task", type=positive_int, default=4, help="prompts per set (1-4, default 4)")
+    p.add_argument("--per_task", type=positive_int, default=3, help="prompts per set (1-4, default 3)")
     p.add_argument("--new_tokens", type=positive_int, default=96)
     p.add_argument("--k", type=positive_int, default=4, help="tokens drafted per target forward (default 4)")
     p.add_argument("--draft_layers", default=None, help="self-speculation's layers (default: the first third)")

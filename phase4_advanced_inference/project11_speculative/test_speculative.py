@@ -57,6 +57,8 @@ def spiky(seed: int, std: float = 0.5, **shape) -> torch.nn.Module:
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
     """Pearson's chi-square goodness of fit; cells expecting fewer than `min_expected` are pooled into one.
     p-value = the regularised upper incomplete gamma Q(df / 2, stat / 2) (the chi-square survival function)."""
+    if (counts[probs == 0] > 0).any():
+        return 0.0  # a continuation the target can never produce (top-k, top-p cut it) was produced
     n = counts.sum().double()
     expected = probs.double() * n
     small = expected < min_expected
