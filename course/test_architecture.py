@@ -10,8 +10,9 @@ THE RULES (GUIDE.md, "How projects depend on each other")
 
 WHICH FILE IS WHAT. The kind is decided by the file name, so that it is visible in a directory listing:
 - test: `test_*.py`, `conftest.py`;
-- script: the names in SCRIPT_PATTERNS (train.py, train_*.py, generate.py, evaluate.py, benchmark*.py, download_data.py,
-  prepare_data.py, export_hf.py, chat.py, serve.py): the commands of the READMEs;
+- script: the names in SCRIPT_PATTERNS (train.py, train_*.py, generate.py, evaluate.py, evaluate_*.py, benchmark*.py,
+  download_*.py, prepare_data.py, export_hf.py, chat.py, serve.py, compare_*.py, make_*.py): the commands of the
+  READMEs;
 - library: everything else. A library may still carry a small `if __name__ == "__main__":` demo (model.py
   prints a preset's parameter count), but the name says it is a library, so everything may import it, and its
   demo obeys the library rules.
@@ -32,8 +33,8 @@ import pytest
 
 from course.paths import REPO_ROOT
 
-SCRIPT_PATTERNS = ("train.py", "train_*.py", "generate.py", "evaluate.py", "benchmark*.py", "download_data.py",
-                   "prepare_data.py", "export_hf.py", "chat.py", "serve.py")
+SCRIPT_PATTERNS = ("train.py", "train_*.py", "generate.py", "evaluate.py", "evaluate_*.py", "benchmark*.py",
+                   "download_*.py", "prepare_data.py", "export_hf.py", "chat.py", "serve.py", "compare_*.py", "make_*.py")
 TEST_PATTERNS = ("test_*.py", "conftest.py")
 PACKAGE_ROOTS = ("course", "phase*")  # the top-level packages of the repo
 SKIP_DIRS = {"__pycache__", ".venv", "data", "checkpoints", "build", "dist"}
@@ -191,6 +192,7 @@ def test_every_project_folder_and_script_is_seen():
     assert modules["phase1_foundation.project3_pretrain.train"].kind == "script"
     assert modules["phase1_foundation.project3_pretrain.loading"].kind == "library"
     assert kind_of("train_tokenizer.py") == kind_of("benchmark_gguf.py") == "script"
+    assert kind_of("evaluate_mmlu.py") == kind_of("compare_lm_eval.py") == kind_of("download_model.py") == "script"
     assert kind_of("training.py") == kind_of("generation.py") == "library"  # names that only start like a script's
     assert modules["course.test_architecture"].kind == "test"
     mod = modules["phase1_foundation.project3_pretrain.loading"]
