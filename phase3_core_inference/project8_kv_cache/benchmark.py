@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from course.bench import Bandwidth, best_of, timed
+from course.checkpoint import atomic_write_json, atomic_write_text
 from course.cli import ArgumentParser, nonneg_int, out_dir, positive_int
 from course.device import machine_summary, set_seed
 from course.errors import CourseError, run_cli
@@ -351,9 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(cache_rows, hf_rows, bw, args)
     out.mkdir(parents=True, exist_ok=True)
     name = "benchmark_quick" if args.quick else "benchmark"
-    (out / f"{name}.md").write_text(md)
-    (out / f"{name}.json").write_text(json.dumps({"bandwidth_samples_GBps": bw.samples, "cache": cache_rows,
-                                                  "hf": hf_rows}, indent=2))
+    atomic_write_text(out / f"{name}.md", md)  # temp file, then rename: never a half-written table
+    atomic_write_json(out / f"{name}.json", {"bandwidth_samples_GBps": bw.samples, "cache": cache_rows, "hf": hf_rows})
     print(md)
     parts_summary = []
     parts_summary += [f"cache speedup at {r['new_tokens']} tokens {r['speedup']:.1f}x ({r['mode']})"
