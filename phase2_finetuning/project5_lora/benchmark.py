@@ -16,8 +16,12 @@ so every method sees the same rows in the same order), through the same loop (pr
     held-out identity    share of held-out identity questions answered as "Nano" (project 4's identity task)
     ARC-Easy / MMLU      change in accuracy (points) from the untouched base on the same questions, ± its paired
                          standard error (project 4's paired_change)
-Each method runs in its own process (a fresh peak, no allocator memory left over from the previous method);
---in_process runs them in this one (faster; the peaks are then only approximate). The QLoRA row also reports
+Each method runs in its own process (a fresh peak, no allocator memory left over from the previous method),
+its output in <out>.rows/<method>.log (`tail -f` it to follow a run); --in_process runs them in this one
+(faster; the peaks are then only approximate). Every row, the base's too, is kept in <out>.rows/<method>.json
+with the configs and seed it was measured under; --reuse reads a row back when they match, so a stopped
+benchmark continues where it stopped, and methods may run as separate commands (`--methods full --reuse`, then
+`--methods full,lora,qlora --reuse` assembles the table). The QLoRA row also reports
 its 4-bit base in bytes per weight, measured (bytes held by the Linear4bit buffers) and computed (nf4_bytes).
 Writes <out>.json (every number, the configs, the machine) and <out>.md (the table), atomically.
 """
@@ -147,18 +151,41 @@ def _worker(method: str, spec_path: str, result_path: str) -> None:
     atomic_write_json(result_path, row)
 
 
-def run_in_subprocess(method: str, cfg: LoRAConfig, bench: BenchConfig, seed: int) -> dict:
+def run_in_subprocess(method: str, cfg: LoRAConfig, bench: BenchConfig, seed: int, log: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="p5bench-") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps({"lora": cfg.to_dict(), "bench": bench.to_dict(), "seed": seed}))
         cmd = [sys.executable, "-m", "phase2_finetuning.project5_lora.benchmark", "--_worker", method, str(spec),
                str(result)]
-        proc = subprocess.run(cmd, check=False, cwd=REPO_ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, check=False, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0 or not result.is_file():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            raise CourseError(f"the {method} run failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            raise CourseError(f"the {method} run failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+                              f" (the whole output: {log})")
         return json.loads(result.read_text())
+
+
+def row_key(method: str, cfg: LoRAConfig, bench: BenchConfig, seed: int) -> dict:
+    """What a row depends on: the configs (not which other methods run, nor where the table goes) and the seed."""
+    b = {k: v for k, v in bench.to_dict().items() if k not in ("methods", "out", "reuse", "in_process")}
+    return {"method": method, "lora": cfg.to_dict(), "bench": b, "seed": seed}
+
+
+def cached_run(run, method: str, key: dict, rows_dir: Path, reuse: bool) -> dict:
+    """run(method), or with reuse the row kept in rows_dir for the same key; a row just measured is kept there."""
+    path = rows_dir / f"{method}.json"
+    if reuse and path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            print(f"  {method}: reusing {path} (same configs and seed)")
+            return kept["row"]
+        print(f"  {method}: {path} was measured under other settings: measuring again")
+    row = run(method)
+    atomic_write_json(path, {"key": key, "row": row})
+    return row
 
 
 def _mib(b) -> str:
@@ -217,14 +244,22 @@ def main(argv: list[str] | None = None) -> dict:
     warn_if_gpu_preset_without_gpu(args.preset, cfg.device)
     cfg.print_config(f"LoRAConfig (preset {args.preset}{', quick' if args.quick else ''})")
     bench.print_config()
-    run = (lambda m: run_method(m, cfg, bench, args.seed, not args.no_progress)) if bench.in_process else \
-        (lambda m: run_in_subprocess(m, cfg, bench, args.seed))
+    rows_dir = out.with_name(out.name + ".rows")
+    measure_row = (lambda m: run_method(m, cfg, bench, args.seed, not args.no_progress)) if bench.in_process else \
+        (lambda m: run_in_subprocess(m, cfg, bench, args.seed, rows_dir / f"{m}.log"))
+
+    def run(m: str) -> dict:
+        return cached_run(measure_row, m, row_key(m, cfg, bench, args.seed), rows_dir, bench.reuse)
+
     t0 = time.perf_counter()
-    print("base: evaluating the untouched model")
+    def where(m: str) -> str:
+        return "" if bench.in_process else f" (output: {rows_dir / (m + '.log')})"
+
+    print(f"base: evaluating the untouched model{where('base')}")
     base = run("base")
     rows = []
     for m in bench.method_list:
-        print(f"{m}: {cfg.max_iters} steps of {cfg.batch_size} rows")
+        print(f"{m}: {cfg.max_iters} steps of {cfg.batch_size} rows{where(m)}")
         rows.append(run(m))
         r = rows[-1]
         print(f"  {r['trainable_params']:,} trainable, peak RSS {_mib(r['peak_rss'])}, {r['tokens_per_s']:.1f} tokens/s, "

@@ -80,7 +80,8 @@ class BenchConfig(BaseConfig):
     eval_limit: int | None = 500       # questions per task (MMLU stratified by subject); None = the whole test set
     eval_data_dir: str = "data"
     in_process: bool = False           # all methods in this process (fast; peak RSS then only approximate)
-    out: str = "runs/project5/benchmark"  # writes <out>.json and <out>.md
+    out: str = "runs/project5/benchmark"  # writes <out>.json and <out>.md; each row also in <out>.rows/<method>.json
+    reuse: bool = False                # a row already in <out>.rows/ for the same configs and seed is read back
 
     PRESETS: ClassVar[dict] = {"cpu": {}, "gpu": {"eval_limit": None, "out": "runs/project5/benchmark-gpu"}}
 

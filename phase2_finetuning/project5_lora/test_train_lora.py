@@ -187,6 +187,11 @@ def test_benchmark_quick_fills_the_table(base, tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| QLoRA (NF4 base + LoRA) |" in md and "bytes/weight measured" in md
     assert json.loads((tmp_path / "bench.json").read_text())["quick"] is True
+    # --reuse: the kept rows come back as they were; a changed setting measures that row again
+    again = _quiet(benchmark.main, argv + ["--reuse", "--methods", "lora"])
+    assert again["rows"] == [rows["lora"]] and again["base"] == result["base"]
+    changed = _quiet(benchmark.main, argv + ["--reuse", "--methods", "lora", "--r", "2"])["rows"][0]
+    assert changed["trainable_params"] < rows["lora"]["trainable_params"]
 
 
 @pytest.mark.slow
