@@ -165,6 +165,23 @@ def hf_name_map(cfg: LlamaConfig) -> dict[str, str]:
     return names
 
 
+def hf_model_sharing(model: Llama):
+    """A transformers LlamaForCausalLM whose parameters ARE our tensors (no copy): same weights, same memory.
+    The peer of benchmarks that time ours beside transformers on identical weights."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**hf_config_from_llama(model.config))
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    ours = model.state_dict()
+    state = {theirs: ours[mine] for mine, theirs in hf_name_map(model.config).items()}
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = ours["tok_emb.weight"]
+    hf.load_state_dict(state, strict=True, assign=True)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)  # non-persistent buffer: build it for real
+    return hf.eval()
+
+
 def export_hf(model: Llama, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None) -> Path:
     """Write config.json + model.safetensors (LlamaForCausalLM layout) into out_dir; return out_dir.
 

@@ -40,6 +40,7 @@ import torch
 
 from course.bench import Bandwidth, best_of, timed
 from course.checkpoint import atomic_write_json, atomic_write_text
+from phase1_foundation.project3_pretrain.hf_interop import hf_model_sharing
 from course.cli import ArgumentParser, nonneg_int, out_dir, positive_int
 from course.device import machine_summary, set_seed
 from course.errors import CourseError, run_cli
@@ -107,23 +108,6 @@ def ours_runner(model: Llama, prompt: list[int], fast: bool | None = None):
         return list(eng.generate(prompt, n))
     run.engine = eng
     return run
-
-
-def hf_model_sharing(model: Llama):
-    """A transformers LlamaForCausalLM whose parameters ARE our tensors (no copy): same weights, same memory."""
-    import transformers
-    from phase1_foundation.project3_pretrain.hf_interop import hf_config_from_llama, hf_name_map
-
-    cfg = transformers.LlamaConfig(**hf_config_from_llama(model.config))
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(cfg)
-    ours = model.state_dict()
-    state = {theirs: ours[mine] for mine, theirs in hf_name_map(model.config).items()}
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = ours["tok_emb.weight"]
-    hf.load_state_dict(state, strict=True, assign=True)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)  # non-persistent buffer: build it for real
-    return hf.eval()
 
 
 def hf_runner(hf, prompt: list[int]):

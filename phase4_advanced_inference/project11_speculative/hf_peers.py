@@ -12,22 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from phase1_foundation.project3_pretrain.hf_interop import hf_config_from_llama, hf_name_map
+from phase1_foundation.project3_pretrain.hf_interop import hf_model_sharing
 
 
-def hf_sharing(model: torch.nn.Module):
-    import transformers
-
-    cfg = transformers.LlamaConfig(**hf_config_from_llama(model.config))
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(cfg)
-    ours = model.state_dict()
-    state = {theirs: ours[mine] for mine, theirs in hf_name_map(model.config).items()}
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = ours["tok_emb.weight"]
-    hf.load_state_dict(state, strict=True, assign=True)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)  # a non-persistent buffer: built for real
-    return hf.eval()
+hf_sharing = hf_model_sharing  # project 3's: the parameters ARE our tensors
 
 
 @torch.inference_mode()
