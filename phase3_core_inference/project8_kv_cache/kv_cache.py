@@ -33,6 +33,8 @@ The model does not track positions; it asks the cache (project 3's `Llama.forwar
 An engine or a scheduler manages the rows between forwards: `lengths`, `reset()`, `crop(n, row)`, `free(row)`
 (a finished sequence gives its row back) and `rows(indices)` (a forward over some rows only: a new sequence is
 prefilled into a free row while the others keep their caches; the running rows decode without the free ones).
+A forward that packs the tokens of many rows into one (project 12's RaggedBatch) reaches the storage token by
+token: `reserve(row, length)`, `write_tokens` and `read_tokens` at (row, position) pairs.
 Later projects put other storage behind the same two calls: a prefix tree (project 10), continuous batching
 (12), paged blocks (13), quantized K/V (15); `cache_contract.py` is the test every one of them passes.
 
@@ -187,6 +189,23 @@ class KVCache:
         vc[:, :, start:end] = v
         return kc[:, :, :end], vc[:, :, :end]
 
+    # ---- token-wise access: a packed forward over many rows (project 12's RaggedBatch) ------------
+    def reserve(self, row: int, length: int) -> None:
+        """Make room for `length` tokens in `row` before they are written (here they always are, up to max_len;
+        a paged cache allocates blocks)."""
+        if length > self.max_len:
+            raise CourseError(f"KV cache is full: row {row} needs {length} positions, max_len is {self.max_len}")
+
+    def write_tokens(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Token i's k[i], v[i] (N, n_kv_heads, head_dim) at (rows[i], positions[i]): one indexed write."""
+        self.k[layer][rows, :, positions] = k
+        self.v[layer][rows, :, positions] = v
+
+    def read_tokens(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values stored at (rows[i], positions[i]): two (N, n_kv_heads, head_dim) gathers."""
+        return self.k[layer][rows, :, positions], self.v[layer][rows, :, positions]
+
     def _row_index(self) -> torch.Tensor:
         rows = self.selected if self.selected is not None else range(self.batch)
         return torch.tensor(list(rows), device=self.k[0].device)
@@ -216,6 +235,10 @@ class KVCache:
     def free(self, row: int) -> None:
         """Row `row`'s sequence is done: its slots are reused by the next sequence that joins (`rows([row])`)."""
         self.lengths[row] = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     @property
     def length(self) -> int:

@@ -8,8 +8,8 @@ PAPERS
 
 INTUITION
 The engine owns one KV cache with `max_rows` rows (project 8's contiguous `KVCache`): a request gets a row when
-it is admitted, keeps it while it prefills and decodes, and gives it back when it finishes; the next request
-overwrites that row. Nothing is copied between iterations: each row's keys stay where they were written.
+it is admitted, keeps it while it prefills and decodes, and gives it back when it finishes (`cache.free(row)`);
+the next request overwrites that row. Nothing is copied between iterations: each row's keys stay where they were written.
 
 IMPLEMENTATION (`BatchEngine.step`, one iteration)
 1. `Scheduler.schedule(now)`: the work of this iteration, [(row, tokens, samples)].
@@ -54,7 +54,10 @@ class StepStats:
 class BatchEngine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_rows: int = 8, max_batch_tokens: int | None = 256,
                  chunked_prefill: bool = True, policy: str = "continuous", max_len: int | None = None,
-                 packed: bool = True):
+                 packed: bool = True, cache=None):
+        """cache: another cache of project 8's protocol with token-wise access and `batch` = max_rows rows (project
+        13's paged cache); None = a contiguous KVCache of max_rows x max_len. A cache with `claim(row, tokens)`
+        is asked before each admission whether the request's prompt + max_new_tokens fit."""
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.tokenizer, self.packed = p.device, tokenizer, packed
@@ -62,9 +65,16 @@ class BatchEngine:
         if self.max_len > model.config.block_size:
             raise CourseError(f"max_len ({self.max_len}) exceeds the model's context window "
                               f"({model.config.block_size})")
-        self.scheduler = Scheduler(max_rows, max_batch_tokens, chunked_prefill, policy)
-        self.cache = KVCache.for_model(model.config, batch=max_rows, max_len=self.max_len, dtype=p.dtype,
-                                       device=self.device)
+        if cache is None:
+            cache = KVCache.for_model(model.config, batch=max_rows, max_len=self.max_len, dtype=p.dtype,
+                                      device=self.device)
+        elif cache.batch != max_rows:
+            raise CourseError(f"the cache has {cache.batch} rows, the engine max_rows {max_rows}: make them equal")
+        self.cache = cache
+        claim = getattr(cache, "claim", None)
+        admits = None if claim is None else (
+            lambda run: claim(run.row, len(run.request.prompt) + run.request.max_new_tokens))
+        self.scheduler = Scheduler(max_rows, max_batch_tokens, chunked_prefill, policy, admits, release=cache.free)
         self.steps: list[StepStats] = []
         self.submitted = 0
         self.t0 = time.perf_counter()
@@ -91,9 +101,6 @@ class BatchEngine:
         before = len(self.scheduler.finished)
         work = self.scheduler.schedule(now)
         if work:
-            for w in work:
-                if not w.decode and w.running.prefilled == len(w.tokens):  # its first chunk: the row starts empty
-                    self.cache.free(w.running.row)
             t0 = time.perf_counter()
             logits = self.forward(work)
             done_at = self.clock()

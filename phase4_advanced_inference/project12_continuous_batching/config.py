@@ -1,7 +1,7 @@
 """Settings of project 12's serve_workload.py and benchmark.py (every field is a --flag; presets pick the device).
 
 Presets:
-    cpu  fp32 on the CPU, 16 rows, a 256-token budget (the README's numbers)
+    cpu  fp32 on the CPU, 32 rows, a 256-token budget (the README's numbers)
     gpu  bf16 on CUDA, 64 rows, a 2048-token budget (not run yet in this course's sessions)
 
 Field names are those of the projects that own the same thing: model, tokenizer, device, dtype, seed, max_len,
@@ -27,7 +27,7 @@ class BatchConfig(BaseConfig):
     tokenizer: str | None = None     # None = the model's own
     # ---- the engine ----
     policy: str = "continuous"       # continuous (Orca) | static (a group runs until its longest finishes)
-    max_rows: int = 16               # requests decoding at once (KV cache rows); 1 with static = sequential
+    max_rows: int = 32               # requests decoding at once (KV cache rows); 1 with static = sequential
     max_batch_tokens: int | None = 256  # new tokens per forward (decodes + prefill chunks); None = no budget
     chunked_prefill: bool = True     # cut prompts into chunks that fill the budget (Sarathi); off: whole prompts
     packed: bool = True              # a step with prompt chunks: one packed forward (ragged.py), else one per chunk

@@ -16,10 +16,11 @@ segments' lengths, and each carries its own sequence (a row of the KV cache) and
 see a (1, N, dim) tensor and do exactly N token-passes.
 
 IMPLEMENTATION (`RaggedBatch`, a view that keeps project 8's cache protocol)
-The storage is project 8's contiguous `KVCache` (one row per sequence). For a forward over segments
+The storage is any project 8 cache that offers token-wise access (`reserve`, `write_tokens`, `read_tokens`): the
+contiguous `KVCache` (one row per sequence) or project 13's paged one. For a forward over segments
 [(row, n_new), ...]:
 - `begin(N)`: token i of segment s sits at position lengths[row_s] + i; the rows' lengths count the new tokens.
-- `update(layer, k, v)`: writes the N new keys/values to (row_s, position) with one indexed write, then gathers,
+- `update(layer, k, v)`: writes the N new keys/values at (row_s, position) with one indexed write, then gathers,
   for every segment, its row's keys 0 .. end_s - 1 into one (1, kv_heads, K, head_dim) sequence, K = sum end_s.
 - the mask (1, 1, N, K) lets token (s, p) see key (s', q) only when s' = s and q <= p: block-diagonal and causal,
   so no sequence ever sees another's keys. The model is untouched: it asks `begin` and `update` as always.
@@ -42,7 +43,6 @@ import torch
 
 from course.errors import CourseError
 from phase1_foundation.project3_pretrain.model import CachePlan
-from phase3_core_inference.project8_kv_cache.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Segment:
 class RaggedBatch:
     """Project 8's cache protocol for ONE forward over `segments`, packed into a (1, N) row (module docstring)."""
 
-    def __init__(self, cache: KVCache, segments: list[Segment]):
+    def __init__(self, cache, segments: list[Segment]):
         rows = [s.row for s in segments]
         if not segments or len(set(rows)) != len(rows) or any(not 0 <= r < cache.batch for r in rows):
             raise CourseError(f"segments must name distinct rows of the cache (0 .. {cache.batch - 1}), got {rows}")
@@ -82,19 +82,18 @@ class RaggedBatch:
         slots, keep = self.order()
         self._slots = slots
         ids = [tokens[i][t] for i, t in slots]
-        return torch.tensor([ids], dtype=torch.long, device=self.cache.k[0].device), keep
+        return torch.tensor([ids], dtype=torch.long, device=self.cache.device), keep
 
     # ---- the protocol ---------------------------------------------------------------------------
     def begin(self, T: int) -> CachePlan:
         if T != self.n_tokens:
             raise CourseError(f"RaggedBatch was built for {self.n_tokens} tokens, the forward has {T}")
-        device = self.cache.k[0].device
+        device = self.cache.device
         slots = getattr(self, "_slots", None) or self.order()[0]
         starts = [self.lengths[s.row] for s in self.segments]
         ends = [st + s.n for st, s in zip(starts, self.segments)]
-        if max(ends) > self.cache.max_len:
-            raise CourseError(f"KV cache is full: positions up to {max(ends)} requested, max_len is "
-                              f"{self.cache.max_len}")
+        for s, end in zip(self.segments, ends):
+            self.cache.reserve(s.row, end)  # a paged cache (project 13) allocates its blocks here
         seg = torch.tensor([i for i, _ in slots], device=device)                       # (N,) segment of each token
         pos = torch.tensor([starts[i] + t for i, t in slots], device=device)           # (N,) its position
         row = torch.tensor([s.row for s in self.segments], device=device)[seg]        # (N,) its cache row
@@ -112,12 +111,10 @@ class RaggedBatch:
         if self._plan is None:
             raise CourseError("RaggedBatch.update before begin(): the model calls begin(T) once per forward")
         row, pos, key_row, key_slot = self._plan
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[row, :, pos] = k[0].transpose(0, 1)  # (N, kv_heads, head_dim) into (row, position): one indexed write
-        vc[row, :, pos] = v[0].transpose(0, 1)
-        keys = kc[key_row, :, key_slot].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, K, head_dim)
-        values = vc[key_row, :, key_slot].transpose(0, 1).unsqueeze(0)
-        return keys, values
+        # the N new (kv_heads, head_dim) vectors into (row, position), then every segment's keys in order
+        self.cache.write_tokens(layer, row, pos, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        keys, values = self.cache.read_tokens(layer, key_row, key_slot)  # (K, kv_heads, head_dim) each
+        return keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -128,11 +125,11 @@ class RaggedBatch:
     def free(self, row: int) -> None:
         self.cache.free(row)
 
-    def rows(self, indices: list[int]) -> KVCache:
+    def rows(self, indices: list[int]):
         return self.cache.rows(indices)
 
 
-def ragged_forward(model, cache: KVCache, segments: list[Segment], tokens: list[list[int]]) -> torch.Tensor:
+def ragged_forward(model, cache, segments: list[Segment], tokens: list[list[int]]) -> torch.Tensor:
     """One forward of `segments` (their `tokens`) through `cache`; logits (S_kept, vocab) of the segments with
     keep_last, in segment order."""
     view = RaggedBatch(cache, segments)

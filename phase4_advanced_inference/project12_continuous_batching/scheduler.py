@@ -35,6 +35,7 @@ IMPLEMENTATION
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from course.errors import CourseError
@@ -65,7 +66,11 @@ class Work:
 
 class Scheduler:
     def __init__(self, max_rows: int, max_batch_tokens: int | None = None, chunked_prefill: bool = True,
-                 policy: str = "continuous"):
+                 policy: str = "continuous", admits: Callable[[Running], bool] | None = None,
+                 release: Callable[[int], None] | None = None):
+        """admits(running) -> bool: may this request take its row now? (project 13's paged cache: are there blocks
+        for its prompt and max_new_tokens?) None: a free row is enough. release(row): called when a request
+        leaves its row (the engine frees the row's cache there)."""
         if not isinstance(max_rows, int) or max_rows <= 0:
             raise CourseError(f"max_rows ({max_rows!r}) must be a positive int")
         if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < max_rows):
@@ -80,6 +85,7 @@ class Scheduler:
         self.running: dict[int, Running] = {}
         self.free_rows = list(range(max_rows))
         self.finished: list[Request] = []
+        self.admits, self.release = admits, release
 
     # ---- the queue ------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -100,6 +106,8 @@ class Scheduler:
     def finish(self, running: Running) -> None:
         """The request is done: its row is free for the next admission (its K/V are overwritten there)."""
         del self.running[running.row]
+        if self.release is not None:
+            self.release(running.row)
         self.free_rows.append(running.row)
         self.free_rows.sort()
         self.finished.append(running.request)
@@ -121,7 +129,9 @@ class Scheduler:
         self._drop_cancelled(now)
         left = self.budget if self.budget is not None else float("inf")
         work: list[Work] = []
-        for run in self.running.values():  # decodes first: one token each (Sarathi-Serve's stall-free order)
+        # decodes first, one token each (Sarathi-Serve's stall-free order), in row order: when every row decodes,
+        # the forward sees the cache's buffers as they are (project 8's KVCache: views, no gather)
+        for _, run in sorted(self.running.items()):
             if not run.prefilling:
                 work.append(Work(run, [run.next_token], True, decode=True))
                 left -= 1
@@ -136,8 +146,8 @@ class Scheduler:
             req = self.waiting[0]
             run = Running(req, self.free_rows[0])
             piece = self._piece(run, left, alone=not work)
-            if piece is None:
-                break  # the whole prompt does not fit what is left of the budget: next iteration
+            if piece is None or (self.admits is not None and not self.admits(run)):
+                break  # the prompt does not fit the budget left (or the cache): next iteration, in arrival order
             self.waiting.popleft()
             self.free_rows.pop(0)
             self.running[run.row] = run
