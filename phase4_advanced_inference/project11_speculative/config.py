@@ -14,14 +14,14 @@ from typing import ClassVar
 
 from course.config import BaseConfig
 from course.interactive import is_utf8
-from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
+from phase3_core_inference.project8_kv_cache.config import SamplingFields
 
 DRAFTERS = ("lookup", "self", "model", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class SpeculativeConfig(BaseConfig):
+class SpeculativeConfig(SamplingFields, BaseConfig):  # temperature, top_k, top_p, min_p, repetition_penalty
     model: str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the target: anything project 3's loader takes
     tokenizer: str | None = None  # None = the model's own
     prompt: str = ""              # "" = start from BOS
@@ -35,11 +35,6 @@ class SpeculativeConfig(BaseConfig):
     max_ngram: int = 3            # lookup: the longest suffix matched
     min_ngram: int = 1            # lookup: the shortest
     max_new_tokens: int | None = None  # None = as many as fit in the context, up to 256
-    temperature: float = 0.0      # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
     compare: bool = False         # also decode plainly (project 8's engine) and compare (greedy: token for token)
     seed: int = 1337
     device: str = "auto"
@@ -50,9 +45,6 @@ class SpeculativeConfig(BaseConfig):
         "cpu": dict(device="cpu", dtype="float32"),
         "gpu": dict(device="cuda", dtype="bfloat16"),
     }
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
     def check(self) -> list[str]:
         errors = super().check()
@@ -75,7 +67,6 @@ class SpeculativeConfig(BaseConfig):
                           "as fit in the context, up to 256")
         if self.max_len is not None and self.max_len < 1:
             errors.append(f"max_len ({self.max_len}) must be >= 1; leave the flag out for the model's context window")
-        errors += self.sampling().problems()
         if not is_utf8(self.prompt):
             errors.append("--prompt is not valid UTF-8 text; pass plain UTF-8 characters")
         return errors

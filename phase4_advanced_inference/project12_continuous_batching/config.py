@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from course.config import BaseConfig
-from phase3_core_inference.project8_kv_cache.sampling import SamplingParams
+from phase3_core_inference.project8_kv_cache.config import SamplingFields
 from phase4_advanced_inference.project12_continuous_batching.scheduler import POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class BatchConfig(BaseConfig):
+class BatchConfig(SamplingFields, BaseConfig):
+    """Project 8's sampling fields (temperature, top_k, top_p, min_p, repetition_penalty: every synthetic request
+    samples with them and its own seed), the engine's knobs and the workload's."""
+
     model: str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # anything project 3's loader takes
     tokenizer: str | None = None     # None = the model's own
     # ---- the engine ----
@@ -41,11 +44,6 @@ class BatchConfig(BaseConfig):
     max_prompt: int = 256            # Alpaca prompts longer than this (in tokens) are not drawn
     long_prompts: int = 0            # requests given a long prompt instead (chunked prefill's case)
     long_prompt_tokens: int = 768    # its length in tokens, about
-    temperature: float = 0.0         # 0 = greedy; every request samples with these settings and its own seed
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
@@ -55,9 +53,6 @@ class BatchConfig(BaseConfig):
         "gpu": dict(device="cuda", dtype="bfloat16", max_rows=64, max_batch_tokens=2048, requests=512,
                     rate=32.0),
     }
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
     def check(self) -> list[str]:
         errors = super().check()
@@ -76,5 +71,4 @@ class BatchConfig(BaseConfig):
             errors.append(f"long_prompts ({self.long_prompts}) must be >= 0")
         if self.max_len is not None and self.max_len < 2:
             errors.append(f"max_len ({self.max_len}) must be >= 2 (or none for the model's context window)")
-        errors += self.sampling().problems()
         return errors
